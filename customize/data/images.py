@@ -1,0 +1,94 @@
+"""Reading images from disk with errors a person can act on.
+
+Every dataset in the toolkit reads pixels through `load_image`, so a corrupt file, an unreadable mode or a
+too-small picture is reported once, the same way, naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class ImageError(ValueError):
+    """An image file that cannot be used; the message names the file and says what to do."""
+
+
+def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Sorted image files in `folder`. Raises with a clear message if the folder is missing or holds none."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is not a folder of images")
+    it = folder.rglob("*") if recursive else folder.iterdir()
+    files = sorted(p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    if not files:
+        raise ImageError(
+            f"image folder {folder} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})"
+        )
+    return files
+
+
+def to_rgb(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. Transparency is composited on `background`; 16/32-bit grey is rescaled from
+    its real range (PIL's plain convert would clip 16-bit values to white)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        if img.mode == "F" and arr.max() <= 1.0:
+            hi = 1.0
+        arr = np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, background + (255,))
+        canvas.alpha_composite(rgba)
+        return canvas.convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path: str | os.PathLike, mode: str = "RGB", min_size: int = 1) -> Image.Image:
+    """Open, apply EXIF orientation, convert to `mode` ("RGB" or "L"), check the size.
+
+    Raises ImageError naming the file for anything PIL cannot decode (truncated, not an image, empty)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{path}: cannot be read as an image ({e}); remove or replace the file") from None
+    img = to_rgb(im)
+    if mode == "L":
+        img = img.convert("L")
+    elif mode != "RGB":
+        raise ValueError(f"load_image mode must be 'RGB' or 'L', got {mode!r}")
+    if min(img.size) < min_size:
+        raise ImageError(
+            f"{path}: image is {img.size[0]}x{img.size[1]} pixels, smaller than the {min_size} px needed; "
+            "use a larger image or lower the resolution"
+        )
+    return img
+
+
+def save_image_atomic(img: Image.Image, path: str | os.PathLike, **kwargs) -> Path:
+    """Write an image through a temporary file and a rename, so a killed run never leaves half a PNG."""
+    from customize.utils import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fmt = (path.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG")
+        img.save(tmp, format=fmt, **kwargs)
+    return path
