@@ -1,0 +1,499 @@
+"""The one training loop of the toolkit, on accelerate.
+
+    result = train(method, model, dataset, cfg)
+
+`method` supplies the math through hooks (`trainable_parameters`, `loss`, `save`; optionally `collate`,
+`prepare`, `after_step`, `validate`, `model_card`); this file supplies everything else: devices, the optimizer
+and LR schedule, gradient accumulation and clipping, mixed precision, EMA, checkpoints and exact resume,
+trackers, validation grids and the final save.
+
+Design points (the why):
+- The method's modules are never wrapped. A method calls `pipe.unet(...)` on the plain module, so
+  data-parallel gradient averaging is done here, once per optimizer step, by an all-reduce of the trained
+  gradients (the same mean DistributedDataParallel computes, without its forward wrapper, which would hide
+  `unet.config` and break methods that call sub-modules directly). The price is no overlap of communication
+  with the backward pass; FSDP and DeepSpeed are not supported.
+- The data stream is a pure function of (seed, epoch, index): each epoch's order comes from a generator seeded
+  with (seed, epoch), and every example is produced under python/numpy/torch RNGs seeded with
+  (seed, epoch, index). Random crops and flips are therefore identical whatever the number of workers, and a
+  resumed run replays the stream from the exact micro-batch where the checkpoint was taken.
+- The loop's own randomness (noise, timesteps, dropout) uses the global RNGs, seeded per process and saved in
+  every checkpoint by accelerate. Validation runs with those RNGs saved and restored, so turning it on or off
+  does not change the trained weights.
+Resume after a kill gives bitwise the same weights on CPU (tests/test_resume.py); on GPU only up to the
+nondeterminism of its kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import math
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from customize.training import checkpoint as ckpt
+from customize.training.config import TrainConfig
+from customize.training.ema import EMA
+from customize.training.optim import build_lr_scheduler, build_optimizer, param_groups
+from customize.training.tracking import record_validation, resolve_trackers, tracker_config, write_model_card
+
+logger = logging.getLogger(__name__)
+
+# Elements per all-reduce bucket: big enough to amortise the call, small enough that flattening a full UNet's
+# gradients does not need a second full copy of them.
+_ALLREDUCE_BUCKET_NUMEL = 2**25
+
+
+@dataclass
+class TrainResult:
+    global_step: int
+    losses: list[float]  # one per optimizer step from step 1: mean over accumulation and processes
+    logs: list[dict] = field(default_factory=list)  # scalars of the steps run in this call (loss, lr, extras)
+    output_dir: str = ""
+    resumed_from: str | None = None
+    checkpoints: list[str] = field(default_factory=list)
+    validation_images: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Deterministic data stream
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _derived_seed(*entropy: int) -> int:
+    """A well-mixed 63-bit seed from a tuple of non-negative ints (numpy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence(list(entropy)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int | None = None, cuda: bool = False) -> Iterator[None]:
+    """Run a block with python, numpy and torch RNGs seeded with `seed` (or left as they are when None) and
+    restore all of them afterwards, so the block neither depends on nor disturbs the surrounding streams."""
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    devices = [torch.cuda.current_device()] if cuda and torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        if seed is not None:
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class SeededDataset(Dataset):
+    """`ds[(index, seed)]` is `dataset[index]` computed under RNGs seeded with `seed` (see `seeded_rng`)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        with seeded_rng(seed):
+            return self.dataset[index]
+
+
+class EpochBatchSampler:
+    """This process's micro-batches of one epoch, as lists of (index, item seed).
+
+    The epoch's order is a permutation drawn from (seed, epoch); it is padded by wrapping around so that every
+    global batch is full, and global batch b is split between processes: process r takes positions
+    [b*W*B + r*B, b*W*B + (r+1)*B). `set_epoch(e, skip=k)` starts the next iteration at micro-batch k."""
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0,
+                 shuffle: bool = True):
+        if num_examples < 1:
+            raise ValueError("the training dataset is empty: check the data folder or dataset name")
+        self.num_examples, self.batch_size, self.seed = num_examples, batch_size, seed
+        self.num_replicas, self.rank, self.shuffle = num_replicas, rank, shuffle
+        self.batches_per_epoch = math.ceil(num_examples / (batch_size * num_replicas))
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        if not 0 <= skip < self.batches_per_epoch:
+            raise ValueError(f"skip must be in [0, {self.batches_per_epoch}), got {skip}")
+        self.epoch, self.skip = epoch, skip
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            order = list(range(self.num_examples))
+        else:
+            g = torch.Generator().manual_seed(_derived_seed(self.seed, epoch))
+            order = torch.randperm(self.num_examples, generator=g).tolist()
+        total = self.batches_per_epoch * self.batch_size * self.num_replicas
+        return (order * math.ceil(total / len(order)))[:total]
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.skip
+
+    def __iter__(self):
+        order = self.epoch_order(self.epoch)
+        global_batch = self.batch_size * self.num_replicas
+        for b in range(self.skip, self.batches_per_epoch):
+            start = b * global_batch + self.rank * self.batch_size
+            yield [(i, _derived_seed(self.seed, self.epoch, i)) for i in order[start:start + self.batch_size]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Modules and parameters
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def find_modules(model) -> dict[str, torch.nn.Module]:
+    """The nn.Modules a model is made of: itself if it is one; a diffusers pipeline's components; a dict's
+    values; or the attributes of a plain object (a dataclass bundle). Shared modules are listed once."""
+    if isinstance(model, torch.nn.Module):
+        items = [("model", model)]
+    elif isinstance(getattr(model, "components", None), dict):
+        items = list(model.components.items())
+    elif isinstance(model, dict):
+        items = list(model.items())
+    else:
+        items = list(vars(model).items()) if hasattr(model, "__dict__") else []
+    out: dict[str, torch.nn.Module] = {}
+    seen: set[int] = set()
+    for name, value in items:
+        if isinstance(value, torch.nn.Module) and id(value) not in seen:
+            seen.add(id(value))
+            out[name] = value
+    return out
+
+
+def parameter_names(modules: dict[str, torch.nn.Module], params: list[torch.nn.Parameter]) -> list[str]:
+    """Stable names for the trained parameters ("unet.conv_in.weight"); a parameter owned by none of the
+    modules is named by its position."""
+    by_id: dict[int, str] = {}
+    for mname, module in modules.items():
+        for pname, p in module.named_parameters():
+            by_id.setdefault(id(p), f"{mname}.{pname}")
+    return [by_id.get(id(p), f"param.{i}") for i, p in enumerate(params)]
+
+
+def _enable_tf32() -> None:
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def _enable_gradient_checkpointing(name: str, module: torch.nn.Module) -> None:
+    if hasattr(module, "enable_gradient_checkpointing"):  # diffusers ModelMixin
+        module.enable_gradient_checkpointing()
+    elif hasattr(module, "gradient_checkpointing_enable"):  # transformers PreTrainedModel
+        module.gradient_checkpointing_enable()
+    else:
+        logger.warning("gradient_checkpointing: %s (%s) has no checkpointing switch; it runs without",
+                       name, type(module).__name__)
+
+
+def _enable_xformers(modules: dict[str, torch.nn.Module]) -> None:
+    if importlib.util.find_spec("xformers") is None:
+        raise ImportError("enable_xformers_memory_efficient_attention needs xformers: pip install xformers "
+                          "(or drop the flag: PyTorch's scaled_dot_product_attention is the default)")
+    for module in modules.values():
+        if hasattr(module, "enable_xformers_memory_efficient_attention"):
+            module.enable_xformers_memory_efficient_attention()
+
+
+def _compile(module: torch.nn.Module, device: torch.device) -> None:
+    """Compile in place (nn.Module.compile), so the object, its state_dict keys and any peft adapters stay as
+    they are. On CPU the graph is captured with the 'eager' backend: it checks the module traces without
+    needing a C++ toolchain or minutes of kernel generation."""
+    module.compile(backend="inductor" if device.type == "cuda" else "eager")
+
+
+def _average_gradients(params: list[torch.nn.Parameter], accelerator) -> None:
+    """Mean of every trained gradient over processes (what DDP computes). A parameter without a gradient on
+    every process keeps none, as in a single-process run."""
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=accelerator.device)
+    dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
+    active = [p for p, h in zip(params, has_grad.tolist()) if h]
+    for p in active:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    buckets: dict[tuple, list[list[torch.Tensor]]] = {}
+    for p in active:
+        per_kind = buckets.setdefault((p.grad.dtype, p.grad.device), [[]])
+        if sum(g.numel() for g in per_kind[-1]) + p.grad.numel() > _ALLREDUCE_BUCKET_NUMEL and per_kind[-1]:
+            per_kind.append([])
+        per_kind[-1].append(p.grad)
+    for per_kind in buckets.values():
+        for grads in per_kind:
+            flat = torch._utils._flatten_dense_tensors(grads)  # (sum of numels,)
+            dist.all_reduce(flat)
+            flat /= accelerator.num_processes
+            for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                g.copy_(synced)
+
+
+def _broadcast_parameters(params: list[torch.nn.Parameter], accelerator) -> None:
+    """Start every process from rank 0's trained weights (random adapter inits may differ per process)."""
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, src=0)
+
+
+def _split_loss(out) -> tuple[torch.Tensor, dict[str, float]]:
+    if isinstance(out, dict):
+        if "loss" not in out:
+            raise KeyError("a method's loss returned a dict without the 'loss' entry")
+        extras = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items() if k != "loss"}
+        return out["loss"], extras
+    return out, {}
+
+
+def _reset_accelerate_state_if_needed(mixed_precision: str) -> None:
+    """accelerate keeps one process-wide state; a second `train` in the same process (tests, notebooks) with
+    another precision would be refused, so the precision-dependent part is reset (the process group is kept)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def train(method, model, dataset, cfg: TrainConfig) -> TrainResult:
+    """Train `model` with `method` on `dataset` as configured by `cfg` (see the module docstring)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, send_to_device, set_seed
+    from tqdm.auto import tqdm
+
+    for hook in ("trainable_parameters", "loss", "save"):
+        if not callable(getattr(method, hook, None)):
+            raise TypeError(f"the method {method!r} lacks the required hook {hook}(...)")
+    output_dir = Path(cfg.output_dir)
+    _reset_accelerate_state_if_needed(cfg.mixed_precision)
+    trackers = resolve_trackers(cfg.report_to)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        # The schedule is stepped here once per optimizer step; accelerate would otherwise step it once per process.
+        step_scheduler_with_optimizer=False,
+    )
+    device = accelerator.device
+    # Different noise on every process (seed + rank), the same data order everywhere (the sampler's own seed).
+    set_seed(cfg.seed, device_specific=True)
+    if cfg.allow_tf32:
+        _enable_tf32()
+
+    modules = find_modules(model)
+    was_training = {name: m.training for name, m in modules.items()}
+    groups = param_groups(method.trainable_parameters(model, cfg), cfg.learning_rate)
+    if cfg.scale_lr:
+        factor = cfg.gradient_accumulation_steps * cfg.train_batch_size * accelerator.num_processes
+        for g in groups:
+            g["lr"] *= factor
+    params = [p for g in groups for p in g["params"]]
+    trained_ids = {id(p) for p in params}
+    for m in modules.values():
+        m.to(device)
+    for p in params:
+        if p.device != device:  # a parameter held outside the model's modules
+            p.data = p.data.to(device)
+        p.requires_grad_(True)
+    names = parameter_names(modules, params)
+    trained = {n: m for n, m in modules.items() if any(id(p) in trained_ids for p in m.parameters())}
+    for name, m in modules.items():
+        m.train(name in trained)
+    if cfg.gradient_checkpointing:
+        for name, m in trained.items():
+            _enable_gradient_checkpointing(name, m)
+    if cfg.enable_xformers_memory_efficient_attention:
+        _enable_xformers(modules)
+
+    if callable(getattr(method, "prepare", None)):
+        prepared = method.prepare(model, dataset, cfg, accelerator)
+        dataset = dataset if prepared is None else prepared
+    _broadcast_parameters(params, accelerator)
+    if cfg.compile:
+        for m in trained.values():
+            _compile(m, device)
+
+    optimizer = build_optimizer(groups, cfg, device)
+    lr_scheduler = build_lr_scheduler(optimizer, cfg)
+    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    ema = EMA(params, cfg.ema_decay) if cfg.use_ema else None
+
+    sampler = EpochBatchSampler(len(dataset), cfg.train_batch_size, cfg.seed,
+                                accelerator.num_processes, accelerator.process_index)
+    loader = DataLoader(
+        SeededDataset(dataset),
+        batch_sampler=sampler,
+        collate_fn=getattr(method, "collate", None) or default_collate,
+        num_workers=cfg.dataloader_num_workers,
+        pin_memory=device.type == "cuda",
+        # Worker seeds come from this generator, not the global RNG that the loss draws noise from.
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+
+    if accelerator.is_main_process:
+        ckpt.remove_partial(output_dir)
+    accelerator.wait_for_everyone()
+    global_step, losses = 0, []
+    resume = ckpt.resolve_resume(output_dir, cfg.resume_from_checkpoint)
+    if resume is not None:
+        # Last thing before the loop: it restores the RNG streams, and nothing may draw from them in between.
+        tensors, ema_tensors, state = ckpt.load_checkpoint(accelerator, resume)
+        with torch.no_grad():
+            for name, p in zip(names, params):
+                if name not in tensors:
+                    raise KeyError(f"{resume}: no saved tensor for trained parameter {name}; "
+                                   "resume with the same method and options that wrote the checkpoint")
+                p.copy_(tensors[name])
+        if ema is not None:
+            if ema_tensors is None:
+                raise FileNotFoundError(f"{resume} has no EMA state but use_ema is on; resume with use_ema off "
+                                        "or from a checkpoint written with it")
+            ema.load_state_tensors(ema_tensors, names, state["ema_updates"])
+        global_step, losses = state["global_step"], list(state["losses"])
+        geometry = (accelerator.num_processes, cfg.train_batch_size, cfg.gradient_accumulation_steps)
+        if tuple(state["geometry"]) != geometry:
+            logger.warning("resuming %s with (processes, batch, accumulation) = %s instead of %s: the data order "
+                           "will not match an uninterrupted run", resume, geometry, tuple(state["geometry"]))
+        logger.info("resumed from %s at step %d", resume, global_step)
+
+    if trackers:
+        accelerator.init_trackers(cfg.tracker_project_name, config=tracker_config(cfg))
+
+    result = TrainResult(global_step=global_step, losses=losses, output_dir=str(output_dir),
+                         resumed_from=str(resume) if resume is not None else None)
+
+    def validate(step: int) -> None:
+        if not callable(getattr(method, "validate", None)):
+            return
+        if accelerator.is_main_process:
+            for m in trained.values():
+                m.eval()
+            with seeded_rng(cuda=True), torch.no_grad(), (ema.swapped_in() if ema else contextlib.nullcontext()):
+                images = method.validate(model, cfg, step)
+            for m in trained.values():
+                m.train()
+            if images:
+                result.validation_images.append(str(record_validation(accelerator, list(images), step, output_dir)))
+        accelerator.wait_for_everyone()
+
+    def save_checkpoint(step: int) -> None:
+        state = {
+            "global_step": step,
+            "losses": losses,
+            "ema_updates": ema.num_updates if ema else 0,
+            "geometry": [accelerator.num_processes, cfg.train_batch_size, cfg.gradient_accumulation_steps],
+            "seed": cfg.seed,
+        }
+        path = ckpt.save_checkpoint(
+            accelerator, output_dir, step,
+            trainable={n: p.detach() for n, p in zip(names, params)},
+            ema=ema.state_tensors(names) if ema else None,
+            state=state, total_limit=cfg.checkpoints_total_limit,
+        )
+        result.checkpoints.append(str(path))
+
+    ga = cfg.gradient_accumulation_steps
+    micro = global_step * ga
+    epoch, skip = divmod(micro, sampler.batches_per_epoch)
+    after_step = getattr(method, "after_step", None)
+    progress = tqdm(total=cfg.max_train_steps, initial=global_step, desc="steps",
+                    disable=not (cfg.progress and accelerator.is_local_main_process))
+    window_loss = torch.zeros((), device=device)
+    window_extras: dict[str, float] = {}
+    while global_step < cfg.max_train_steps:
+        sampler.set_epoch(epoch, skip=skip)
+        for batch in loader:
+            batch = send_to_device(batch, device, non_blocking=True)
+            with accelerator.autocast():
+                loss, extras = _split_loss(method.loss(model, batch, cfg))
+            if not torch.isfinite(loss.detach()):
+                raise FloatingPointError(
+                    f"loss is {loss.item()} at step {global_step + 1}: lower learning_rate, use bf16 instead "
+                    "of fp16, or check the data"
+                )
+            # Each micro-batch loss is a mean over its examples; dividing by the accumulation count makes the
+            # summed gradient that of the mean over the whole accumulated batch.
+            accelerator.backward(loss / ga)
+            window_loss += loss.detach().float()
+            for k, v in extras.items():
+                window_extras[k] = window_extras.get(k, 0.0) + v / ga
+            micro += 1
+            if micro % ga:
+                continue
+
+            _average_gradients(params, accelerator)
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            optimizer.step()
+            if not optimizer.step_was_skipped:
+                lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if callable(after_step):
+                after_step(model, cfg)
+            if ema is not None:
+                ema.step()
+            global_step += 1
+
+            step_loss = accelerator.reduce(window_loss / ga, reduction="mean").item()
+            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], **window_extras}
+            if grad_norm is not None:
+                logs["grad_norm"] = float(grad_norm)
+            losses.append(step_loss)
+            result.logs.append(logs)
+            accelerator.log(logs, step=global_step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4g}", lr=f"{logs['lr']:.3g}", refresh=False)
+            window_loss.zero_()
+            window_extras = {}
+
+            if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0:
+                save_checkpoint(global_step)
+            if cfg.validation_steps and global_step % cfg.validation_steps == 0:
+                validate(global_step)
+            if global_step >= cfg.max_train_steps:
+                break
+        epoch, skip = epoch + 1, 0
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    if cfg.validation_steps and global_step % cfg.validation_steps != 0:
+        validate(global_step)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with ema.swapped_in() if ema else contextlib.nullcontext():
+            method.save(model, cfg, str(output_dir))
+        if callable(getattr(method, "model_card", None)):
+            write_model_card(method.model_card(cfg), output_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    for name, m in modules.items():
+        m.train(was_training[name])
+    result.global_step = global_step
+    return result
