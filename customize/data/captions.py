@@ -1,0 +1,89 @@
+"""Per-image captions from the two conventions people already use.
+
+- `metadata.jsonl` in the image folder (the datasets library's `imagefolder` convention): one JSON object per
+  line with `file_name` (relative to the folder) and a caption column (`text` by default, else `caption`).
+- A sidecar text file beside each image (kohya's convention): `dog1.png` -> `dog1.txt` (or `dog1.caption`).
+A metadata line wins over a sidecar file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from customize.data.images import ImageError, list_images
+
+logger = logging.getLogger(__name__)
+
+METADATA_FILE = "metadata.jsonl"
+CAPTION_COLUMNS = ("text", "caption")  # tried in this order when no column is named
+SIDECAR_EXTENSIONS = (".txt", ".caption")
+
+
+class CaptionError(ValueError):
+    """A caption source that cannot be used; the message names the file (and line) and what to do."""
+
+
+def read_metadata(folder: str | os.PathLike, caption_column: str | None = None) -> dict[Path, str | None]:
+    """`folder/metadata.jsonl` -> {image path: caption}, in file order. Every line must name an existing image."""
+    folder = Path(folder)
+    meta = folder / METADATA_FILE
+    out: dict[Path, str | None] = {}
+    for lineno, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{meta}, line {lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CaptionError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+        if not isinstance(row, dict) or "file_name" not in row:
+            raise CaptionError(f'{where}: needs a "file_name" entry naming an image in {folder}')
+        path = folder / row["file_name"]
+        if not path.is_file():
+            raise ImageError(f"{where}: names {row['file_name']!r}, but {path} does not exist; "
+                             "fix the file name or remove the line")
+        if caption_column is not None:
+            if caption_column not in row:
+                raise CaptionError(f"{where}: no {caption_column!r} column (it has {sorted(row)}); "
+                                   "pass the right --caption_column")
+            caption = row[caption_column]
+        else:
+            caption = next((row[c] for c in CAPTION_COLUMNS if c in row), None)
+        if caption is not None and not isinstance(caption, str):
+            raise CaptionError(f"{where}: the caption must be a string, got {type(caption).__name__}")
+        out[path] = caption
+    return out
+
+
+def read_sidecar(image: Path) -> str | None:
+    for ext in SIDECAR_EXTENSIONS:
+        side = image.with_suffix(ext)
+        if side.is_file():
+            return side.read_text(encoding="utf-8").strip()
+    return None
+
+
+def images_and_captions(folder: str | os.PathLike, caption_column: str | None = None
+                        ) -> tuple[list[Path], list[str | None]]:
+    """The images of a folder with their captions (None where an image has none).
+
+    With a metadata.jsonl the images are the ones it lists, in its order (images it does not list are left
+    out, with a warning); without one, every image in the folder, sorted by name."""
+    folder = Path(folder)
+    if (folder / METADATA_FILE).is_file():
+        meta = read_metadata(folder, caption_column)
+        if not meta:
+            raise ImageError(f"{folder / METADATA_FILE} lists no images; add lines or remove the file")
+        present = {p.resolve() for p in list_images(folder, recursive=True)}
+        unlisted = present - {p.resolve() for p in meta}
+        if unlisted:
+            logger.warning("%d image(s) in %s are not in %s and are not used, e.g. %s",
+                           len(unlisted), folder, METADATA_FILE, sorted(unlisted)[0].name)
+        images = list(meta)
+        captions = [c if c is not None else read_sidecar(p) for p, c in meta.items()]
+        return images, captions
+    images = list_images(folder)
+    return images, [read_sidecar(p) for p in images]

@@ -1,0 +1,199 @@
+"""The training datasets: captioned images from a folder or a datasets-library data set, and the DreamBooth
+pairing of instance and class examples.
+
+An example is a dict:
+    pixel_values   (3, H, W) float32 in [-1, 1]
+    prompt         str (the image's caption, else the dataset's default prompt)
+    original_size, crop_top_left, target_size   (2,) int64 each, SDXL micro-conditioning of the applied transform
+`collate_examples` stacks them; for pairs it puts the class examples after the instance ones and records how
+many there are in `num_prior` (DreamBooth eq. 2 splits the loss there).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from customize.data.captions import images_and_captions
+from customize.data.images import ImageError, load_image, to_rgb
+from customize.data.transforms import ImageTransform
+
+
+class ImageCaptionDataset(Dataset):
+    """Images (files, or rows of a datasets-library data set) with captions, through one `ImageTransform`."""
+
+    def __init__(self, transform: ImageTransform, default_prompt: str | None = None):
+        self.transform = transform
+        self.default_prompt = default_prompt
+        self._paths: list[Path] | None = None
+        self._hf = None
+        self._image_column = self._caption_column = None
+        self._captions: list[str | None] = []
+
+    # -- constructors ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, resolution, *, center_crop: bool = False,
+                    random_flip: bool = False, prompt: str | None = None, caption_column: str | None = None,
+                    use_captions: bool = True, interpolation: str = "bilinear") -> ImageCaptionDataset:
+        """Every image of `folder` (or those its metadata.jsonl lists). Captions come from metadata.jsonl or .txt
+        sidecars when `use_captions`; an image without one gets `prompt` (and is an error if there is none)."""
+        ds = cls(ImageTransform(resolution, center_crop, random_flip, interpolation), prompt)
+        images, captions = images_and_captions(folder, caption_column)
+        ds._paths = images
+        ds._captions = captions if use_captions else [None] * len(images)
+        ds._check_prompts([str(p) for p in images])
+        return ds
+
+    @classmethod
+    def from_hf(cls, name_or_path: str, resolution, *, image_column: str = "image",
+                caption_column: str | None = "text", split: str = "train", center_crop: bool = False,
+                random_flip: bool = False, prompt: str | None = None, interpolation: str = "bilinear",
+                cache_dir: str | None = None) -> ImageCaptionDataset:
+        """A datasets-library data set: a folder written by `save_to_disk`, else anything `load_dataset`
+        takes (a hub name, a local imagefolder, a data-files folder)."""
+        hf = load_hf_dataset(name_or_path, split=split, cache_dir=cache_dir)
+        columns = list(hf.column_names)
+        wanted = [c for c in (image_column, caption_column) if c is not None]
+        missing = [c for c in wanted if c not in columns]
+        if missing:
+            raise KeyError(f"{name_or_path}: no column {missing[0]!r}; its columns are {columns} "
+                           "(use --image_column / --caption_column)")
+        if len(hf) == 0:
+            raise ImageError(f"{name_or_path} (split {split!r}) has no rows")
+        ds = cls(ImageTransform(resolution, center_crop, random_flip, interpolation), prompt)
+        ds._hf, ds._image_column, ds._caption_column = hf, image_column, caption_column
+        ds._captions = list(hf[caption_column]) if caption_column else [None] * len(hf)
+        ds._check_prompts([f"{name_or_path}[{i}]" for i in range(len(hf))])
+        return ds
+
+    def _check_prompts(self, names: Sequence[str]) -> None:
+        if self.default_prompt is None:
+            for name, caption in zip(names, self._captions):
+                if caption is None:
+                    raise ValueError(f"{name} has no caption: add it to metadata.jsonl or a .txt file beside the "
+                                     "image, or give a prompt for every image (e.g. --instance_prompt)")
+
+    # -- access ------------------------------------------------------------------------------------------------
+
+    @property
+    def random_flip(self) -> bool:
+        return self.transform.random_flip
+
+    def __len__(self) -> int:
+        return len(self._captions)
+
+    def image(self, i: int) -> Image.Image:
+        """The i-th image as RGB with its EXIF orientation applied."""
+        if self._paths is not None:
+            return load_image(self._paths[i])
+        value = self._hf[i][self._image_column]
+        if isinstance(value, (str, os.PathLike)):
+            return load_image(value)
+        if isinstance(value, dict) and value.get("path") and not value.get("bytes"):
+            return load_image(value["path"])
+        if not isinstance(value, Image.Image):
+            raise ImageError(f"row {i}, column {self._image_column!r}: expected an image or a path, "
+                             f"got {type(value).__name__}")
+        return to_rgb(ImageOps.exif_transpose(value))
+
+    def prompt(self, i: int) -> str:
+        caption = self._captions[i]
+        return self.default_prompt if caption is None else caption
+
+    def get(self, i: int, flip: bool | None = None) -> dict:
+        """The i-th example; `flip` forces the flip decision (None: random when random_flip is on)."""
+        example = self.transform(self.image(i), flip=flip)
+        example["prompt"] = self.prompt(i)
+        return example
+
+    def __getitem__(self, i: int) -> dict:
+        return self.get(i)
+
+
+def load_hf_dataset(name_or_path: str, split: str = "train", cache_dir: str | None = None):
+    import datasets
+
+    path = Path(name_or_path)
+    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise KeyError(f"{name_or_path} has splits {list(loaded)}, not {split!r}; pass --dataset_split")
+            loaded = loaded[split]
+        return loaded
+    return datasets.load_dataset(name_or_path, split=split, cache_dir=cache_dir)
+
+
+class PairedDataset(Dataset):
+    """DreamBooth pairing: item i = {"instance": instance[i % n_inst], "class": class[i % n_class]}.
+
+    The length is the longer of the two, so each epoch shows every class image once and cycles the (usually
+    few) instance images, as in the DreamBooth paper's training script."""
+
+    def __init__(self, instance: Dataset, class_data: Dataset | None = None):
+        if len(instance) == 0:
+            raise ValueError("the instance dataset is empty")
+        if class_data is not None and len(class_data) == 0:
+            raise ValueError("the class dataset is empty: generate class images first or turn prior preservation off")
+        self.instance, self.class_data = instance, class_data
+
+    def __len__(self) -> int:
+        return max(len(self.instance), len(self.class_data) if self.class_data is not None else 0)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"instance": self.instance[i % len(self.instance)]}
+        if self.class_data is not None:
+            item["class"] = self.class_data[i % len(self.class_data)]
+        return item
+
+
+def dreambooth_dataset(instance_data_dir, instance_prompt: str, resolution, *, class_data_dir=None,
+                       class_prompt: str | None = None, center_crop: bool = False, random_flip: bool = False,
+                       use_captions: bool = False, caption_column: str | None = None) -> PairedDataset:
+    """Instance images (prompt: `instance_prompt`, or their own captions with `use_captions`) paired with class
+    images (prompt: `class_prompt`) when `class_data_dir` is given."""
+    instance = ImageCaptionDataset.from_folder(
+        instance_data_dir, resolution, center_crop=center_crop, random_flip=random_flip, prompt=instance_prompt,
+        caption_column=caption_column, use_captions=use_captions,
+    )
+    class_data = None
+    if class_data_dir is not None:
+        if class_prompt is None:
+            raise ValueError("class images need a class prompt (e.g. --class_prompt 'a photo of dog')")
+        class_data = ImageCaptionDataset.from_folder(
+            class_data_dir, resolution, center_crop=center_crop, random_flip=random_flip, prompt=class_prompt,
+            use_captions=False,
+        )
+    return PairedDataset(instance, class_data)
+
+
+def _stack(examples: list[dict]) -> dict:
+    batch = {}
+    for key in examples[0]:
+        values = [e[key] for e in examples]
+        if torch.is_tensor(values[0]):
+            batch[key] = torch.stack(values)  # (B, ...)
+        elif isinstance(values[0], (int, float, bool)):
+            batch[key] = torch.tensor(values)  # (B,)
+        else:
+            batch[key] = values
+    return batch
+
+
+def collate_examples(examples: list[dict]) -> dict:
+    """Stack examples into a batch. Pairs from `PairedDataset` become cat(instance, class) along the batch, with
+    `num_prior` = the number of class rows at the end (0 without class data)."""
+    if "instance" in examples[0]:
+        prior = [e["class"] for e in examples if "class" in e]
+        batch = _stack([e["instance"] for e in examples] + prior)
+        batch["num_prior"] = len(prior)
+        return batch
+    batch = _stack(examples)
+    batch["num_prior"] = 0
+    return batch
