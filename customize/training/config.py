@@ -8,6 +8,7 @@ whose values become the defaults that explicit flags then override.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -120,9 +121,13 @@ def parse_config(config_cls: type[C], argv: list[str] | None = None) -> C:
     from transformers import HfArgumentParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(config_cls)
+    # No prefix matching: "--lr" must not silently mean "--lr_scheduler".
+    parser = HfArgumentParser(config_cls, allow_abbrev=False)
     parser.add_argument("--config", type=str, default=None, help="YAML or JSON file of option values.")
-    known, _ = parser.parse_known_args(argv)
+    # The file is read first, by a parser that knows only --config (required flags may come from the file).
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=str, default=None)
+    known, _ = pre.parse_known_args(argv)
     if known.config is not None:
         values = load_config_file(known.config)
         fields = {f.name for f in dataclasses.fields(config_cls)}
