@@ -1,0 +1,120 @@
+"""LoRA (Hu et al., 2021) for Stable Diffusion: DreamBooth-LoRA and style LoRA, SD 1.x/2.x and SDXL.
+
+Each adapted linear layer W (out x in) becomes W + (alpha / r) B A with A (r x in) random and B (out x r) zero,
+so the adapted model equals the base model at step 0; only A and B train. The layers are peft's, injected with
+the diffusers / transformers `add_adapter` hooks; the file is written by the pipeline class's
+`save_lora_weights` in the diffusers key layout, with the peft config (rank, alpha, targets) in the safetensors
+metadata so `pipe.load_lora_weights(dir)` rebuilds the same scale alpha / r.
+
+Training data and loss are DreamBooth's (instance prompt, optional prior preservation, or per-image captions for
+a style LoRA): only `trainable_parameters` and `save` differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from customize.methods import dreambooth
+from customize.methods.dreambooth import DreamBoothConfig, build_dataset, collate, loss, prepare, validate  # noqa: F401  (shared hooks)
+from customize.training import sd
+from customize.utils import atomic_path
+
+# Module-name suffixes peft matches (a target matches a module whose qualified name ends with ".<target>").
+UNET_TARGETS = {
+    # the attention projections of every transformer block (self- and cross-attention)
+    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
+    # every linear layer of the transformer blocks: attention plus the GEGLU feed-forward
+    "all-linear": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"),
+}
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+ADAPTER = "default"
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+@dataclass
+class LoRAConfig(DreamBoothConfig):
+    rank: int = field(default=4, metadata={"help": "LoRA rank r."})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha; the update is scaled by alpha / r. Default: r."})
+    lora_dropout: float = 0.0
+    lora_target: str = field(
+        default="attention", metadata={"help": "UNet layers to adapt: 'attention' (to_q/k/v/out) or 'all-linear'."}
+    )
+    learning_rate: float = 1e-4
+    max_train_steps: int = 500
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if self.lora_target not in UNET_TARGETS:
+            raise ValueError(f"lora_target must be one of {sorted(UNET_TARGETS)}, got {self.lora_target!r}")
+
+
+def lora_config(cfg: LoRAConfig, targets):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.rank, lora_alpha=cfg.lora_alpha or cfg.rank, lora_dropout=cfg.lora_dropout,
+        init_lora_weights=True,  # A ~ Kaiming-uniform, B = 0: the update is exactly zero at init
+        target_modules=list(targets),
+    )
+
+
+def _add_adapter(module, config) -> list[torch.nn.Parameter]:
+    """Inject the adapter once (a resumed run calls this again on the same model) and return its parameters,
+    kept in float32 even when the base weights are half precision."""
+    if ADAPTER not in (getattr(module, "peft_config", None) or {}):
+        module.add_adapter(config, adapter_name=ADAPTER)
+    params = [p for n, p in module.named_parameters() if ".lora_" in n]
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
+
+
+def adapted_modules(pipe, cfg: LoRAConfig) -> dict[str, torch.nn.Module]:
+    """The pipeline components that carry an adapter, by their pipeline attribute name."""
+    names = ["unet"] + (["text_encoder", "text_encoder_2"] if cfg.train_text_encoder else [])
+    return {n: getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None}
+
+
+def trainable_parameters(pipe, cfg: LoRAConfig):
+    """Freeze every base weight, add LoRA to the UNet (and text encoders), return the LoRA A/B matrices."""
+    for module in [pipe.vae, pipe.unet] + sd.text_encoders(pipe):
+        module.requires_grad_(False)
+    params = []
+    for name, module in adapted_modules(pipe, cfg).items():
+        targets = UNET_TARGETS[cfg.lora_target] if name == "unet" else TEXT_ENCODER_TARGETS
+        params += _add_adapter(module, lora_config(cfg, targets))
+    return params
+
+
+def lora_state(pipe, cfg: LoRAConfig) -> dict:
+    """The keyword arguments of `<PipelineClass>.save_lora_weights`: per component the LoRA tensors in diffusers
+    layout and the peft config as metadata (rank, alpha, targets)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    kwargs = {}
+    for name, module in adapted_modules(pipe, cfg).items():
+        kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(module, adapter_name=ADAPTER))
+        kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config[ADAPTER].to_dict()
+    return kwargs
+
+
+def save(pipe, cfg: LoRAConfig, out_dir):
+    """Write `pytorch_lora_weights.safetensors` with diffusers' writer, through a temporary file and a rename."""
+    with atomic_path(Path(out_dir) / LORA_WEIGHT_NAME) as tmp:
+        type(pipe).save_lora_weights(tmp.parent, weight_name=tmp.name, safe_serialization=True, **lora_state(pipe, cfg))
+
+
+def model_card(cfg: LoRAConfig) -> str:
+    targets = UNET_TARGETS[cfg.lora_target] + (TEXT_ENCODER_TARGETS if cfg.train_text_encoder else ())
+    return dreambooth.model_card(
+        cfg, kind="LoRA",
+        extra={"rank / alpha": f"{cfg.rank} / {cfg.lora_alpha or cfg.rank}", "adapted layers": ", ".join(targets),
+               "load with": "`pipe.load_lora_weights(<this folder>)`"},
+    )

@@ -1,0 +1,158 @@
+"""The Stable Diffusion side of training: prompts -> conditioning, images -> latents, one UNet call per batch.
+
+Everything here reproduces what the diffusers pipelines do at inference (`StableDiffusionPipeline.encode_prompt`,
+`StableDiffusionXLPipeline.encode_prompt` / `_get_add_time_ids`, `vae.encode(...).latent_dist`), so a model
+trained with these functions is conditioned exactly as the pipeline will condition it later.
+
+Conditioning is a dict:
+  SD 1.x/2.x: {"encoder_hidden_states": (B, L, D)}                 last hidden state of the CLIP text encoder
+  SDXL:       {"encoder_hidden_states": (B, L, D1 + D2),            penultimate hidden states of both encoders
+               "text_embeds": (B, P)}                                pooled, projected output of text_encoder_2
+SDXL also needs "time_ids" (B, 6) = (original_size, crop_top_left, target_size) per example, in (h, w) order.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+from customize.models import is_sdxl, vae_scale_factor
+from customize.training.losses import diffusion_loss
+
+
+def tokenizers(pipe) -> list:
+    return [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
+
+
+def text_encoders(pipe) -> list[torch.nn.Module]:
+    return [t for t in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if t is not None]
+
+
+def tokenize(pipe, prompts: Sequence[str]) -> list[torch.Tensor]:
+    """One (B, L) id tensor per tokenizer, padded to the tokenizer's model_max_length and truncated like the pipeline."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    return [
+        tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        for tok in tokenizers(pipe)
+    ]
+
+
+def encode_tokens(pipe, input_ids: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Token ids (one tensor per tokenizer) -> conditioning dict (module docstring). Not under no_grad: with
+    `train_text_encoder` the gradient flows back into the encoders; a latent/text cache wraps it in no_grad."""
+    encoders = text_encoders(pipe)
+    if len(input_ids) != len(encoders):
+        raise ValueError(f"got {len(input_ids)} token tensors for {len(encoders)} text encoders")
+    if not is_sdxl(pipe):
+        (te,), (ids,) = encoders, input_ids
+        return {"encoder_hidden_states": te(ids.to(te.device), return_dict=False)[0]}  # (B, L, D)
+    hidden, pooled = [], None
+    for te, ids in zip(encoders, input_ids):
+        out = te(ids.to(te.device), output_hidden_states=True, return_dict=True)
+        # SDXL conditions on the penultimate layer (clip_skip None in the pipeline) of both encoders.
+        hidden.append(out.hidden_states[-2])  # (B, L, D_i)
+        if getattr(out, "text_embeds", None) is not None:
+            pooled = out.text_embeds  # (B, P) from CLIPTextModelWithProjection (text_encoder_2)
+    if pooled is None:
+        raise ValueError("SDXL needs a text encoder with a projection (CLIPTextModelWithProjection) for pooled embeddings")
+    return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}  # (B, L, D1+D2), (B, P)
+
+
+def encode_prompts(pipe, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    return encode_tokens(pipe, tokenize(pipe, prompts))
+
+
+def time_ids(original_size, crop_top_left, target_size, device=None, dtype=torch.float32) -> torch.Tensor:
+    """SDXL micro-conditioning (Podell et al., 2023, sec. 2.2): per example the 6 numbers
+    (orig_h, orig_w, crop_top, crop_left, target_h, target_w); each argument is (B, 2) or one (h, w) pair."""
+    parts = [torch.as_tensor(x, dtype=torch.float64).reshape(-1, 2) for x in (original_size, crop_top_left, target_size)]
+    batch = max(p.shape[0] for p in parts)
+    ids = torch.cat([p.expand(batch, 2) for p in parts], dim=1)  # (B, 6)
+    return ids.to(device=device, dtype=dtype)
+
+
+def check_resolution(pipe, resolution: int) -> None:
+    """Refuse an image size the VAE cannot encode to a whole latent grid, before any work or file is made."""
+    factor = vae_scale_factor(pipe.vae)
+    if resolution <= 0 or resolution % factor:
+        lower, upper = max(factor, resolution // factor * factor), (resolution // factor + 1) * factor
+        raise ValueError(
+            f"resolution {resolution} is not a multiple of the VAE downsampling factor {factor}; use {lower} or {upper}"
+        )
+
+
+def image_moments(vae, pixel_values: torch.Tensor) -> torch.Tensor:
+    """q(z | x) of the VAE encoder as its (mean, logvar) moments, (B, 2C, h, w): what a latent cache stores, so that
+    a cached run samples latents from the same distribution as an uncached one."""
+    return vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist.parameters  # (B, 2C, h, w)
+
+
+def latents_from_moments(vae, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """z ~ q(z | x), then the SD latent normalisation z' = (z - shift_factor) * scaling_factor."""
+    latents = DiagonalGaussianDistribution(moments).sample(generator)  # (B, C, h, w)
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift:
+        latents = latents - shift
+    return latents * vae.config.scaling_factor
+
+
+def encode_images(vae, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pixels in [-1, 1], (B, 3, H, W) -> scaled latents (B, C, H/f, W/f)."""
+    return latents_from_moments(vae, image_moments(vae, pixel_values), generator)
+
+
+def unet_predict(unet, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: dict, time_ids: torch.Tensor | None = None):
+    """The UNet call of the pipelines: cross-attention on the text states, plus SDXL's added conditioning."""
+    added = None
+    if "text_embeds" in cond:
+        if time_ids is None:
+            raise ValueError("SDXL conditioning needs time_ids (original_size, crop_top_left, target_size)")
+        added = {"text_embeds": cond["text_embeds"], "time_ids": time_ids}
+    return unet(
+        noisy_latents, timesteps, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added, return_dict=False
+    )[0]  # (B, C, h, w)
+
+
+def batch_loss(pipe, batch: dict, cfg, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """The DreamBooth / LoRA / fine-tune loss of one batch of `customize.data.collate_examples`.
+
+    Latents come from the feature cache ("latent_moments") or are encoded now ("pixel_values"); the conditioning
+    comes from the cache ("encoder_hidden_states" [+ "text_embeds"]) or is encoded now from "prompt", the path
+    taken whenever a text encoder trains. The last batch["num_prior"] rows are class images."""
+    vae, unet = pipe.vae, pipe.unet
+    if "latent_moments" in batch:
+        latents = latents_from_moments(vae, batch["latent_moments"].to(unet.device), generator)
+    else:
+        with torch.no_grad():
+            latents = encode_images(vae, batch["pixel_values"], generator)
+    latents = latents.to(unet.dtype)  # (B, C, h, w)
+    if "encoder_hidden_states" in batch:
+        cond = {k: batch[k].to(unet.device) for k in ("encoder_hidden_states", "text_embeds") if k in batch}
+    else:
+        cond = encode_prompts(pipe, batch["prompt"])
+    ids = None
+    if "text_embeds" in cond:
+        ids = time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"], unet.device, latents.dtype)
+    return diffusion_loss(
+        training_scheduler(pipe),
+        latents,
+        lambda x_t, t: unet_predict(unet, x_t, t, cond, ids),
+        noise_offset=cfg.noise_offset,
+        snr_gamma=cfg.snr_gamma,
+        num_prior=int(batch.get("num_prior", 0)),
+        prior_loss_weight=cfg.prior_loss_weight,
+        generator=generator,
+    )
+
+
+def training_scheduler(pipe):
+    """The pipeline's scheduler when it exposes the DDPM forward process (DDPM, DDIM, PNDM, DPM-Solver do);
+    otherwise a DDPMScheduler built from the same config (same betas, same prediction type)."""
+    sched = pipe.scheduler
+    if all(hasattr(sched, a) for a in ("alphas_cumprod", "add_noise", "get_velocity")):
+        return sched
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(sched.config)

@@ -1,0 +1,32 @@
+"""DreamBooth (Ruiz et al.): full fine-tune of the UNet (optionally the text encoders) on a few images of a
+subject, with optional prior preservation. SD 1.x/2.x and SDXL.
+
+    accelerate launch recipes/train_dreambooth.py \
+        --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --instance_data_dir ./dog --instance_prompt "a photo of sks dog" \
+        --with_prior_preservation --class_data_dir ./class-dog --class_prompt "a photo of dog" \
+        --resolution 512 --learning_rate 5e-6 --max_train_steps 800 --output_dir outputs/sks-dog
+
+Missing class images are generated into --class_data_dir first (resumable). The output folder is a diffusers
+pipeline (`DiffusionPipeline.from_pretrained(output_dir)`) with a README.md model card; `--help` lists every
+option. `--pretrained_model_name_or_path tiny-sd` (or tiny-sdxl) runs on a seeded few-MB model, no download.
+"""
+
+from __future__ import annotations
+
+from customize.methods import dreambooth
+from customize.models import load_pipeline
+from customize.training import parse_config, train
+
+
+def main(argv: list[str] | None = None):
+    cfg = parse_config(dreambooth.DreamBoothConfig, argv)
+    if not cfg.pretrained_model_name_or_path:
+        raise SystemExit("--pretrained_model_name_or_path is required (a hub id, a diffusers folder or a single file)")
+    pipe = load_pipeline(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant)
+    dataset = dreambooth.build_dataset(pipe, cfg)
+    return train(dreambooth, pipe, dataset, cfg)
+
+
+if __name__ == "__main__":
+    main()

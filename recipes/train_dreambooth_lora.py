@@ -1,0 +1,32 @@
+"""DreamBooth-LoRA and style LoRA (Hu et al.; Ruiz et al.) for SD 1.x/2.x and SDXL: train low-rank adapters on
+the UNet attention projections (optionally all transformer-block linears and the text encoders).
+
+    accelerate launch recipes/train_dreambooth_lora.py \
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
+        --instance_data_dir ./dog --instance_prompt "a photo of sks dog" \
+        --resolution 1024 --rank 16 --learning_rate 1e-4 --max_train_steps 500 --output_dir outputs/sks-dog-lora
+
+A style LoRA is the same command on style images, with a style prompt ("a painting in the style of sks") or
+per-image captions (--use_captions: metadata.jsonl or .txt files beside the images). Prior preservation works
+as in train_dreambooth.py. Writes pytorch_lora_weights.safetensors (load with `pipe.load_lora_weights(dir)`)
+and a README.md model card; `--help` lists every option.
+"""
+
+from __future__ import annotations
+
+from customize.methods import lora
+from customize.models import load_pipeline
+from customize.training import parse_config, train
+
+
+def main(argv: list[str] | None = None):
+    cfg = parse_config(lora.LoRAConfig, argv)
+    if not cfg.pretrained_model_name_or_path:
+        raise SystemExit("--pretrained_model_name_or_path is required (a hub id, a diffusers folder or a single file)")
+    pipe = load_pipeline(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant)
+    dataset = lora.build_dataset(pipe, cfg)
+    return train(lora, pipe, dataset, cfg)
+
+
+if __name__ == "__main__":
+    main()
