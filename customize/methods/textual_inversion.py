@@ -22,11 +22,13 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 import torch
 from torch.utils.data import Dataset
 
-from customize.data import cache_features, collate_examples
+from customize.data import ImageCaptionDataset, cache_features, collate_examples
 from customize.formats import placeholder_tokens, save_embedding
+from customize.models import model_info
 from customize.training import TrainConfig, sd
 
 # Prompt templates of the textual-inversion paper's training code, as used by diffusers' example; "{}" is S*.
@@ -108,6 +110,8 @@ class TextualInversionConfig(TrainConfig):
     resolution: int | None = field(default=None, metadata={"help": "Training image size; default: the model's native size."})
     center_crop: bool = False
     random_flip: bool = False
+    snr_gamma: float | None = field(default=None, metadata={"help": "min-SNR-gamma loss weighting; 5.0 is recommended."})
+    noise_offset: float = field(default=0.0, metadata={"help": "Noise offset scale (e.g. 0.05)."})
     validation_prompt: str | None = field(
         default=None, metadata={"help": "Prompt for validation images; '{}' marks S* (e.g. 'a {} on the beach')."}
     )
@@ -118,12 +122,16 @@ class TextualInversionConfig(TrainConfig):
     scale_lr: bool = True
     gradient_accumulation_steps: int = 4
     max_train_steps: int = 3000
+    # Textual inversion has no class images; the shared loss (sd.batch_loss) reads the weight all the same.
+    prior_loss_weight: ClassVar[float] = 1.0
 
     def __post_init__(self):
         super().__post_init__()
         check_placeholder(self.placeholder_token)
         if self.num_vectors < 1:
             raise ValueError(f"num_vectors must be >= 1, got {self.num_vectors}")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ValueError(f"snr_gamma must be > 0 (or unset), got {self.snr_gamma}")
         if self.learnable_property not in TEMPLATES:
             raise ValueError(f"learnable_property must be one of {sorted(TEMPLATES)}, got {self.learnable_property!r}")
 
@@ -326,6 +334,21 @@ class PlaceholderPrompts(Dataset):
         return example
 
 
+def build_dataset(pipe, cfg: TextualInversionConfig) -> ImageCaptionDataset:
+    """The concept's images at the training resolution (default: the model's native size). Images without a
+    caption (all of them unless use_captions) get the empty prompt, which `PlaceholderPrompts` fills with a
+    template."""
+    if not cfg.train_data_dir:
+        raise ValueError("textual inversion needs --train_data_dir (a folder with a few images of the concept)")
+    if cfg.resolution is None:
+        cfg.resolution = model_info(pipe).resolution
+    sd.check_resolution(pipe, cfg.resolution)
+    return ImageCaptionDataset.from_folder(
+        cfg.train_data_dir, cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip, prompt="",
+        use_captions=cfg.use_captions,
+    )
+
+
 def cache_latents(pipe, dataset, cfg, accelerator=None):
     """VAE moments of every image computed once (the VAE is frozen): training samples z ~ q(z|x) from them."""
     return cache_features(
@@ -363,7 +386,7 @@ class TextualInversion:
 
     def loss(self, pipe, batch: dict, cfg: TextualInversionConfig):
         """Eq. 2 for one batch: the text encoders run with gradients (S* is inside them), the rest is frozen."""
-        return sd.batch_loss(pipe, {**batch, "input_ids": sd.tokenize(pipe, batch["prompt"])}, cfg)
+        return sd.batch_loss(pipe, batch, cfg)
 
     def after_step(self, pipe, cfg: TextualInversionConfig) -> None:
         self._require_tokens().restore_frozen_rows()
