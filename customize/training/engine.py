@@ -228,6 +228,9 @@ def train(method, model, dataset, cfg: TrainConfig) -> TrainResult:
         for g in groups:
             g["lr"] *= factor
     params = [p for g in groups for p in g["params"]]
+    if cfg.mixed_precision == "fp16" and any(p.dtype == torch.float16 for p in params):
+        raise ValueError("mixed_precision=fp16 needs float32 trained parameters (the grad scaler cannot unscale "
+                         "fp16 gradients): cast only frozen weights to fp16, or train in bf16")
     trained_ids = {id(p) for p in params}
     for m in modules.values():
         m.to(device)
