@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 
 FAMILIES = ("sd1", "sd2", "sdxl")
+# model names that load_pipeline answers with tiny_pipeline(kind) instead of a download
+TINY_MODELS = {"tiny-sd": "sd", "tiny-sdxl": "sdxl"}
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,8 @@ def load_pipeline(
 ):
     """Load a Stable Diffusion 1.x/2.x or SDXL pipeline from a hub id, a local diffusers folder or a single
     `.safetensors` / `.ckpt` checkpoint file. The safety checker is not loaded (it is not part of the model
-    being trained and would double the download)."""
+    being trained and would double the download). The names in TINY_MODELS build a seeded few-MB pipeline
+    in memory (tests, CPU demos of the command line)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if isinstance(dtype, str):
@@ -101,7 +104,11 @@ def load_pipeline(
         opts["torch_dtype"] = dtype
     opts = {k: v for k, v in opts.items() if v is not None}
     path = str(name_or_path)
-    if os.path.isfile(path):
+    if path in TINY_MODELS:
+        pipe = tiny_pipeline(TINY_MODELS[path])
+        if dtype is not None:
+            pipe.to(dtype=dtype)
+    elif os.path.isfile(path):
         if not path.endswith((".safetensors", ".ckpt")):
             raise ValueError(f"{path}: a single-file model must be .safetensors or .ckpt")
         try:

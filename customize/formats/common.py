@@ -36,6 +36,26 @@ def describe_family(family: str | None, cross_attention_dim: int | None = None) 
     return f"{name} (cross-attention width {cross_attention_dim})" if cross_attention_dim else name
 
 
+def _safetensors_error(path: Path, e: Exception) -> FormatError:
+    return FormatError(
+        f"{path}: not a readable .safetensors file ({type(e).__name__}: {e}); the file is truncated or corrupt: "
+        "download or export it again"
+    )
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, tuple[list[int], str]], dict[str, str]]:
+    """{name: (shape, dtype)} and metadata of a .safetensors file, without reading the tensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            shapes = {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+            return shapes, dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types for truncated / garbled headers
+        raise _safetensors_error(path, e) from e
+
+
 def read_tensor_file(path: str | os.PathLike) -> tuple[object, dict[str, str]]:
     """(contents, metadata) of a .safetensors file (a dict of tensors) or a pickled torch file (usually a dict).
 
@@ -51,11 +71,8 @@ def read_tensor_file(path: str | os.PathLike) -> tuple[object, dict[str, str]]:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 metadata = dict(f.metadata() or {})
                 return {k: f.get_tensor(k) for k in f.keys()}, metadata
-        except Exception as e:  # safetensors raises its own error types for truncated / garbled headers
-            raise FormatError(
-                f"{path}: not a readable .safetensors file ({type(e).__name__}: {e}); the file is truncated or "
-                "corrupt: download or export it again"
-            ) from e
+        except Exception as e:  # safetensors raises its own error types for truncated / garbled files
+            raise _safetensors_error(path, e) from e
     if path.suffix.lower() in PICKLE_SUFFIXES:
         import pickle
 

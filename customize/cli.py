@@ -1,0 +1,453 @@
+"""The `customize` command: generate images, inspect and convert weight files, run the toy demo and benchmarks.
+
+Each subcommand is a small function over the library; nothing here computes anything the library does not.
+Errors a user can fix (a wrong file, a wrong size, a LoRA for another family) print one message and exit 1;
+`--traceback` shows the full stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+EXIT_ERROR = 1
+# StableDiffusion(XL)Pipeline.check_inputs refuses sizes that are not multiples of 8 pixels
+DIFFUSERS_PIXEL_MULTIPLE = 8
+
+MAIN_HELP = """\
+Personalise and edit Stable Diffusion 1.x / 2.x and SDXL models.
+
+examples:
+  customize generate -m stable-diffusion-v1-5/stable-diffusion-v1-5 --prompt "a photo of a dog" --out out/
+  customize generate -m tiny-sd --prompt "a red circle" --steps 4        (a tiny in-memory model, no download)
+  customize inspect my_lora.safetensors                                  (format, family, rank, alpha, metadata)
+  customize convert pytorch_lora_weights.safetensors my_lora.safetensors --to kohya
+  customize demo                                                         (the toy-world demo)
+
+Run `customize <command> --help` for each command's options and examples.
+"""
+
+GENERATE_HELP = """\
+Generate images with a model, optionally with LoRA files and textual-inversion embeddings.
+
+Writes one PNG per image (named <prompt>-<image>-seed<seed>.png), grid.png (one row per prompt) and
+generation.json (every setting, to reproduce the run) into --out. Every file is written atomically, and
+nothing is written when an input is wrong.
+
+examples:
+  customize generate -m stabilityai/stable-diffusion-xl-base-1.0 --prompt "a watercolor fox" --num-images 4
+  customize generate -m ./my-model --prompts-file prompts.txt --steps 30 --guidance 7 --scheduler dpm++
+  customize generate -m stable-diffusion-v1-5/stable-diffusion-v1-5 --lora style.safetensors:0.8 --lora dog/:1.0 \\
+      --prompt "a photo of sks dog in <my-style> style" --embedding my-style.pt:<my-style>
+  customize generate -m tiny-sdxl --prompt "a blue square" --steps 4 --width 32 --height 32 --out out/
+
+--lora FILE[:WEIGHT]     diffusers, PEFT or kohya/A1111 file (or a folder with pytorch_lora_weights.safetensors);
+                         WEIGHT scales it (default 1.0). A LoRA made for another family is refused.
+--embedding FILE[:TOKEN] diffusers learned_embeds, SDXL clip_l/clip_g, or A1111 .pt/.safetensors; TOKEN
+                         overrides the token stored in the file. SDXL models get both encoders' vectors.
+"""
+
+INSPECT_HELP = """\
+Describe a weights file: a LoRA (format, base family, ranks, alphas, target modules, kohya/modelspec
+metadata), a textual-inversion embedding (token, vectors, family), or any other .safetensors / torch file
+(tensor names, shapes, dtypes, metadata). Pickled files are opened with torch.load(weights_only=True) only.
+
+examples:
+  customize inspect pytorch_lora_weights.safetensors
+  customize inspect output/dog-lora/                 (a folder with pytorch_lora_weights.safetensors)
+  customize inspect learned_embeds.safetensors --json
+"""
+
+CONVERT_HELP = """\
+Convert a LoRA file between the diffusers, PEFT and kohya (A1111 / ComfyUI) formats. Every layer's update
+dW = (alpha / rank) * up @ down is kept exactly: kohya gets one `.alpha` per module, diffusers / PEFT get
+the alphas in the adapter metadata that diffusers' load_lora_weights reads.
+
+OUT is a .safetensors path or a folder (diffusers / PEFT: pytorch_lora_weights.safetensors in it; kohya:
+the input's name).
+
+examples:
+  customize convert out/dog-lora/pytorch_lora_weights.safetensors dog_kohya.safetensors --to kohya
+  customize convert some_civitai_lora.safetensors out/diffusers-lora/ --to diffusers
+  customize convert lora.safetensors lora_kohya.safetensors --to kohya --model ./my-sdxl-model
+"""
+
+DEMO_HELP = """\
+The toy-world demo: train and sample tiny models on procedural shapes, on a CPU, in minutes.
+Arguments after `demo` go to the demo itself (`customize demo --help` lists them once it is installed).
+"""
+
+BENCH_HELP = """\
+Benchmarks that print ratios against a reference measured in the same run.
+Arguments after `bench` go to the benchmark runner.
+"""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _split_spec(spec: str, parse_value, what: str) -> tuple[str, object]:
+    """FILE[:VALUE] -> (FILE, VALUE or None). A path that exists as given wins over a split, so a file whose
+    name holds ':' still works."""
+    if os.path.exists(spec) or ":" not in spec:
+        return spec, None
+    path, _, value = spec.rpartition(":")
+    try:
+        return path, parse_value(value)
+    except ValueError:
+        raise ValueError(f"{what} {spec!r}: {value!r} after ':' is not valid; write FILE or FILE:{what.split()[-1].upper()}") from None
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    path, weight = _split_spec(spec, float, "--lora weight")
+    return path, 1.0 if weight is None else weight
+
+
+def parse_embedding_spec(spec: str) -> tuple[str, str | None]:
+    return _split_spec(spec, str, "--embedding token")
+
+
+def _read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompts-file {path}: no such file")
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        prompts += [line for line in lines if line and not line.startswith("#")]
+    if not prompts:
+        raise ValueError("no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE (one prompt a line)")
+    return prompts
+
+
+def _image_size(pipe, width: int | None, height: int | None) -> tuple[int, int]:
+    """Native size by default; else a multiple of both the VAE's downsampling and diffusers' pixel rule."""
+    from customize.models import model_info
+
+    info = model_info(pipe)
+    multiple = math.lcm(info.vae_scale_factor, DIFFUSERS_PIXEL_MULTIPLE)
+    width, height = width or info.resolution, height or info.resolution
+    for name, value in (("--width", width), ("--height", height)):
+        if value <= 0 or value % multiple:
+            lower = max(multiple, value // multiple * multiple)
+            raise ValueError(
+                f"{name} {value}: must be a positive multiple of {multiple} for this model (VAE downsamples by "
+                f"{info.vae_scale_factor}); try {lower} or {lower + multiple}"
+            )
+    return width, height
+
+
+def _png_info(prompt: str, seed: int, args):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("prompt", prompt)
+    info.add_text("negative_prompt", args.negative_prompt or "")
+    info.add_text("parameters", json.dumps({"model": args.model, "seed": seed, "steps": args.steps, "guidance": args.guidance}))
+    return info
+
+
+def cmd_generate(args) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from customize.data.images import save_image_atomic
+    from customize.formats import load_embedding_into, load_lora_files
+    from customize.models import load_pipeline
+    from customize.training.tracking import image_grid
+    from customize.utils import atomic_path, default_device
+
+    prompts = _read_prompts(args)
+    loras = [parse_lora_spec(s) for s in args.lora or []]
+    embeddings = [parse_embedding_spec(s) for s in args.embedding or []]
+    for path, _ in loras + embeddings:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such file")
+    if args.num_images < 1 or args.steps < 1:
+        raise ValueError("--num-images and --steps must be at least 1")
+
+    device = torch.device(args.device) if args.device else default_device()
+    pipe = load_pipeline(args.model, dtype=args.dtype, scheduler=args.scheduler)
+    width, height = _image_size(pipe, args.width, args.height)
+    for path, token in embeddings:
+        added = load_embedding_into(pipe, path, token)
+        print(f"embedding {path}: tokens {', '.join(added)}")
+    adapters = load_lora_files(pipe, loras)
+    for (path, weight), name in zip(loras, adapters):
+        print(f"lora {path}: adapter {name}, weight {weight:g}")
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+
+    out = Path(args.out)
+    bar = tqdm(total=len(prompts) * args.steps, desc="denoising", unit="step", disable=args.no_progress)
+
+    def on_step_end(pipeline, step, timestep, callback_kwargs):
+        bar.update(1)
+        return callback_kwargs
+
+    written, grid = [], []
+    # the generator lives where the noise is drawn: on CUDA, CUDA generators; MPS draws on the CPU in diffusers
+    gen_device = "cpu" if device.type == "mps" else device
+    for p, prompt in enumerate(prompts):
+        # image j of every prompt uses seed + j, so a prompt's images can be reproduced one at a time
+        generators = [torch.Generator(gen_device).manual_seed(args.seed + j) for j in range(args.num_images)]
+        images = pipe(
+            prompt,
+            negative_prompt=args.negative_prompt,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            width=width,
+            height=height,
+            num_images_per_prompt=args.num_images,
+            generator=generators,
+            callback_on_step_end=on_step_end,
+        ).images
+        for j, img in enumerate(images):
+            path = out / f"{p:03d}-{j:02d}-seed{args.seed + j}.png"
+            written.append(save_image_atomic(img, path, pnginfo=_png_info(prompt, args.seed + j, args)))
+        grid += images
+    bar.close()
+    grid_path = save_image_atomic(image_grid(grid, cols=args.num_images), out / "grid.png")
+    record = {
+        "model": args.model, "prompts": prompts, "negative_prompt": args.negative_prompt, "seed": args.seed,
+        "steps": args.steps, "guidance": args.guidance, "scheduler": type(pipe.scheduler).__name__,
+        "width": width, "height": height, "num_images": args.num_images,
+        "loras": [{"file": p, "weight": w} for p, w in loras],
+        "embeddings": [{"file": p, "token": t} for p, t in embeddings],
+        "images": [x.name for x in written],
+    }
+    with atomic_path(out / "generation.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    print(f"wrote {len(written)} images and {grid_path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inspect
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _tensor_listing(path: Path) -> tuple[dict[str, tuple[list[int], str]], dict[str, str]]:
+    """Names -> (shape, dtype) and metadata; a .safetensors file is read from its header only."""
+    import torch
+
+    from customize.formats import read_tensor_file
+    from customize.formats.common import read_safetensors_header
+
+    if path.suffix == ".safetensors":
+        return read_safetensors_header(path)
+    obj, _ = read_tensor_file(path)
+    flat = {}
+
+    def walk(prefix, value):
+        if isinstance(value, torch.Tensor):
+            flat[prefix] = (list(value.shape), str(value.dtype).removeprefix("torch."))
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+
+    walk("", obj)
+    return flat, {}
+
+
+def inspect_file(path: str | os.PathLike) -> dict:
+    """What `customize inspect` prints, as a dict: {"kind": "lora" | "embedding" | "tensors", ...}."""
+    from dataclasses import asdict
+
+    from customize.formats import FormatError, inspect_lora, read_embedding
+    from customize.formats.embeddings import EMBEDDING_WEIGHT_NAME, EMBEDDING_WEIGHT_NAME_BIN
+    from customize.formats.lora import LORA_WEIGHT_NAME
+
+    path = Path(path)
+    if path.is_dir():
+        if (path / EMBEDDING_WEIGHT_NAME).is_file() or (path / EMBEDDING_WEIGHT_NAME_BIN).is_file():
+            emb = read_embedding(path)
+            return {"kind": "embedding", "path": str(path), "summary": emb.summary(str(path))}
+        if not (path / LORA_WEIGHT_NAME).is_file():
+            raise FileNotFoundError(f"{path}: no {LORA_WEIGHT_NAME} or {EMBEDDING_WEIGHT_NAME} in this folder")
+        info = inspect_lora(path)
+        return {"kind": "lora", **asdict(info), "summary": info.summary()}
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    tensors, metadata = _tensor_listing(path)
+    not_lora = ""
+    try:
+        from customize.formats import detect_lora_format
+
+        detect_lora_format(tensors)
+        info = inspect_lora(path)
+        return {"kind": "lora", **asdict(info), "summary": info.summary()}
+    except FormatError as e:
+        not_lora = str(e)
+    try:
+        emb = read_embedding(path)
+        return {"kind": "embedding", "path": str(path), "token": emb.token, "format": emb.format,
+                "family": emb.family, "vectors": {k: list(v.shape) for k, v in emb.vectors.items()},
+                "summary": emb.summary(str(path))}
+    except FormatError:
+        pass
+    lines = [f"file:        {path}", f"kind:        {len(tensors)} tensors (not a LoRA: {not_lora})"]
+    lines += [f"  {name}: {shape} {dtype}" for name, (shape, dtype) in sorted(tensors.items())]
+    lines += [f"metadata:    {k} = {v if len(v) < 80 else v[:77] + '...'}" for k, v in sorted(metadata.items())]
+    return {"kind": "tensors", "path": str(path), "tensors": {k: {"shape": s, "dtype": d} for k, (s, d) in tensors.items()},
+            "metadata": metadata, "summary": "\n".join(lines)}
+
+
+def cmd_inspect(args) -> int:
+    result = inspect_file(args.file)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "summary"}, indent=2, default=str))
+    else:
+        print(result["summary"])
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# convert
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _convert_output(src: Path, dst: Path, to: str) -> Path:
+    """A folder OUT gets diffusers' file name, or for kohya the input's name (A1111 shows it as the LoRA name)."""
+    from customize.formats.lora import LORA_WEIGHT_NAME
+
+    if dst.suffix:
+        return dst
+    if to != "kohya":
+        return dst / LORA_WEIGHT_NAME
+    stem = src.name if src.is_dir() else src.stem
+    if stem == Path(LORA_WEIGHT_NAME).stem:
+        stem = src.resolve().parent.name
+    return dst / f"{stem}.safetensors"
+
+
+def cmd_convert(args) -> int:
+    from customize.formats import check_lora_compatible, convert_lora, describe_family, inspect_lora
+    from customize.formats.lora import UNetLayout
+
+    family, layout = args.family, None
+    if args.model:
+        from customize.models import detect_family, load_pipeline
+
+        pipe = load_pipeline(args.model)
+        check_lora_compatible(pipe, args.input)
+        layout = UNetLayout.from_config(pipe.unet.config)
+        family = family or detect_family(pipe)
+    out = convert_lora(args.input, _convert_output(Path(args.input), Path(args.output), args.to),
+                       args.to, family=family, layout=layout)
+    info = inspect_lora(out, layout)
+    print(f"wrote {out}: {args.to} format, {info.num_layers} layers, {describe_family(info.family or family)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# demo, bench: supplied by other modules, imported only when asked for
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _run_optional(module: str, what: str, argv: list[str]) -> int:
+    import importlib
+
+    try:
+        entry = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        print(f"customize: {what} is not available in this install ({module} is missing)", file=sys.stderr)
+        return EXIT_ERROR
+    return int(entry.main(argv) or 0)
+
+
+def cmd_demo(args) -> int:
+    return _run_optional("customize.toy.demo", "the toy-world demo", args.args)
+
+
+def cmd_bench(args) -> int:
+    return _run_optional("customize.bench", "the benchmark runner", args.args)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# parser
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="customize", description=MAIN_HELP, formatter_class=fmt)
+    parser.add_argument("--traceback", action="store_true", help="show the full Python traceback on errors")
+    from customize import __version__
+
+    parser.add_argument("--version", action="version", version=f"customize {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    g = sub.add_parser("generate", help="generate images (with LoRAs and embeddings)", description=GENERATE_HELP, formatter_class=fmt)
+    g.add_argument("-m", "--model", required=True, help="hub id, diffusers folder, single .safetensors/.ckpt file, or tiny-sd / tiny-sdxl")
+    g.add_argument("-p", "--prompt", action="append", help="a prompt (repeat for several)")
+    g.add_argument("--prompts-file", help="a text file with one prompt a line ('#' starts a comment line)")
+    g.add_argument("--negative-prompt", default=None, help="what the images should not show")
+    g.add_argument("--seed", type=int, default=0, help="image j of each prompt uses seed + j (default 0)")
+    g.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    g.add_argument("--scheduler", default=None, help="ddim, ddpm, pndm, euler, euler_a, dpm++, unipc, customize-ddim, "
+                   "customize-ddpm (default: the model's own)")
+    g.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", help="a LoRA file and its weight (repeatable)")
+    g.add_argument("--embedding", action="append", metavar="FILE[:TOKEN]", help="a textual-inversion file (repeatable)")
+    g.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
+    g.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
+    g.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
+    g.add_argument("-o", "--out", default="outputs/generate", help="output folder (default outputs/generate)")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, mps, cpu (default: the best available)")
+    g.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="weights dtype (default: as stored)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("inspect", help="describe a LoRA, embedding or safetensors file", description=INSPECT_HELP, formatter_class=fmt)
+    i.add_argument("file", help="the file (or a folder with pytorch_lora_weights.safetensors / learned_embeds.safetensors)")
+    i.add_argument("--json", action="store_true", help="print JSON instead of text")
+    i.set_defaults(func=cmd_inspect)
+
+    c = sub.add_parser("convert", help="convert a LoRA between diffusers, PEFT and kohya", description=CONVERT_HELP, formatter_class=fmt)
+    c.add_argument("input", help="a LoRA file in any supported format (or its folder)")
+    c.add_argument("output", help="a .safetensors path or a folder")
+    c.add_argument("--to", required=True, choices=["kohya", "diffusers", "peft"], help="the output format")
+    c.add_argument("--family", choices=["sd1", "sd2", "sdxl"], help="base family when the shapes cannot tell (kohya names depend on it)")
+    c.add_argument("--model", help="check the LoRA against this model and take its family and UNet layout")
+    c.set_defaults(func=cmd_convert)
+
+    for name, func, text in (("demo", cmd_demo, DEMO_HELP), ("bench", cmd_bench, BENCH_HELP)):
+        d = sub.add_parser(name, help=text.splitlines()[0], description=text, formatter_class=fmt, add_help=False)
+        d.set_defaults(func=func)
+    return parser
+
+
+# commands whose arguments belong to another module's parser and are passed on untouched
+PASSTHROUGH = ("demo", "bench")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # the first word that is not a flag is the command (the global flags take no values)
+    at = next((i for i, word in enumerate(argv) if not word.startswith("-")), len(argv))
+    if at < len(argv) and argv[at] in PASSTHROUGH:
+        args = parser.parse_args(argv[: at + 1])
+        args.args = argv[at + 1 :]
+    else:
+        args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, OSError) as e:
+        if args.traceback:
+            raise
+        print(f"customize {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
