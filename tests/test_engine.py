@@ -126,6 +126,28 @@ def test_bf16_autocast_keeps_fp32_master_weights(tmp_path):
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+def test_workers_do_not_change_the_result(tmp_path):
+    """Augmentation is seeded per example, so 2 persistent workers give the weights of the in-process loader."""
+    a, _ = run(cfg_for(tmp_path, name="w0", max_train_steps=6, n_examples=5, train_batch_size=2))
+    b, _ = run(cfg_for(tmp_path, name="w2", max_train_steps=6, n_examples=5, train_batch_size=2,
+                       dataloader_num_workers=2))
+    for x, y in zip(a.body.parameters(), b.body.parameters()):
+        assert torch.equal(x, y)
+
+
+def test_missing_tracker_package_falls_back(monkeypatch, caplog):
+    import importlib.util
+
+    from customize.training import tracking
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("tensorboard", "tensorboardX") else real(name, *a))
+    assert tracking.resolve_trackers("tensorboard") == []
+    assert "pip install tensorboard" in caplog.text
+    assert tracking.resolve_trackers("none") == []
+
+
 def test_ema_formula():
     p = torch.nn.Parameter(torch.zeros(3))
     ema = EMA([p], decay=0.5)

@@ -268,6 +268,8 @@ def train(method, model, dataset, cfg: TrainConfig) -> TrainResult:
         batch_sampler=sampler,
         collate_fn=getattr(method, "collate", None) or default_collate,
         num_workers=cfg.dataloader_num_workers,
+        # The sampler runs in this process, so workers kept across epochs still see each epoch's new order.
+        persistent_workers=cfg.dataloader_num_workers > 0,
         pin_memory=device.type == "cuda",
         # Worker seeds come from this generator, not the global RNG that the loss draws noise from.
         generator=torch.Generator().manual_seed(cfg.seed),
