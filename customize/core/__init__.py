@@ -6,5 +6,10 @@ Nothing in this package imports diffusers; interop is through configs and state 
 from customize.core import schedules
 from customize.core.ddim import DDIMScheduler
 from customize.core.ddpm import DDPMScheduler, SchedulerConfig, SchedulerOutput
+from customize.core.train import ddpm_loss, denoise, sample
+from customize.core.unet import UNet, UNetConfig, config_to_diffusers, from_diffusers_config
 
-__all__ = ["schedules", "DDPMScheduler", "DDIMScheduler", "SchedulerConfig", "SchedulerOutput"]
+__all__ = [
+    "schedules", "DDPMScheduler", "DDIMScheduler", "SchedulerConfig", "SchedulerOutput",
+    "UNet", "UNetConfig", "config_to_diffusers", "from_diffusers_config", "ddpm_loss", "denoise", "sample",
+]
