@@ -287,12 +287,23 @@ class PlaceholderTokens:
                 slot.hook = None
 
 
+def _word_pattern(word: str) -> str:
+    return rf"(?<!\w){re.escape(word)}(?!\w)"
+
+
+def contains_word(text: str, word: str) -> bool:
+    return re.search(_word_pattern(word), text) is not None
+
+
+def replace_word(text: str, word: str, replacement: str) -> str:
+    """Every whole-word occurrence of `word` in `text` replaced (case-sensitive: prompts are raw text here)."""
+    return re.sub(_word_pattern(word), lambda _: replacement, text)
+
+
 def insert_placeholder(text: str, placeholder_text: str, caption_token: str | None = None) -> str:
     """Put S* into a caption: replace `caption_token` (as a whole word) where it occurs, else append S*."""
-    if caption_token:
-        pattern = rf"(?<!\w){re.escape(caption_token)}(?!\w)"
-        if re.search(pattern, text):
-            return re.sub(pattern, lambda _: placeholder_text, text)
+    if caption_token and contains_word(text, caption_token):
+        return replace_word(text, caption_token, placeholder_text)
     return f"{text.rstrip()} {placeholder_text}" if text.strip() else placeholder_text
 
 
