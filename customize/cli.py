@@ -155,6 +155,7 @@ def _png_info(prompt: str, seed: int, args):
 
 def cmd_generate(args) -> int:
     import torch
+    from diffusers.utils import logging as diffusers_logging
     from tqdm.auto import tqdm
 
     from customize.data.images import save_image_atomic
@@ -172,6 +173,8 @@ def cmd_generate(args) -> int:
     if args.num_images < 1 or args.steps < 1:
         raise ValueError("--num-images and --steps must be at least 1")
 
+    # diffusers warns, for instance, that a UNet-only LoRA has no text-encoder keys: true, and nothing to act on
+    diffusers_logging.set_verbosity_error()
     device = torch.device(args.device) if args.device else default_device()
     pipe = load_pipeline(args.model, dtype=args.dtype, scheduler=args.scheduler)
     width, height = _image_size(pipe, args.width, args.height)

@@ -84,7 +84,7 @@ def _from_contents(obj, stem: str, metadata: dict, where: str) -> Embedding:
     if not isinstance(obj, dict) or not obj:
         raise FormatError(f"{where}: not an embedding file (empty or not a dict of tensors)")
     if set(obj) <= set(SDXL_KEYS) and "clip_l" in obj:
-        vectors = {SDXL_KEYS[k]: _as_matrix(v, where) for k, v in sorted(obj.items())}
+        vectors = {SDXL_KEYS[k]: _as_matrix(obj[k], where) for k in SDXL_KEYS if k in obj}
         return Embedding(metadata.get(TOKEN_METADATA_KEY) or stem, vectors, "sdxl")
     if "string_to_param" in obj:
         params = obj["string_to_param"]

@@ -99,7 +99,9 @@ class LoraState:
     metadata: dict[str, str] = field(default_factory=dict)
 
     def components(self) -> dict[str, int]:
-        return dict(Counter(split_key(k)[0] for k in self.layers))
+        """Adapted modules per component, in COMPONENTS order."""
+        counts = Counter(split_key(k)[0] for k in self.layers)
+        return {c: counts[c] for c in COMPONENTS if counts[c]}
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -384,17 +386,36 @@ def _parse_diffusers(tensors: dict, where: str) -> dict[str, dict[str, torch.Ten
     return groups
 
 
-def _alpha_from_adapter_config(config: dict | None, module: str, rank: int) -> float:
-    """alpha such that alpha / rank is the scale peft gives `module` under this LoraConfig (what diffusers'
-    `load_lora_weights` builds from the same metadata)."""
-    if not config:
-        return float(rank)
+def _adapter_configs(metadata: dict[str, str]) -> dict[str, object]:
+    """{component: peft LoraConfig} from diffusers' adapter metadata ("unet.r", "unet.lora_alpha", ...)."""
+    raw = metadata.get(ADAPTER_METADATA_KEY)
+    if not raw:
+        return {}
     from peft import LoraConfig
+
+    fields = json.loads(raw)
+    out = {}
+    for component in COMPONENTS:
+        config = {k[len(component) + 1 :]: v for k, v in fields.items() if k.startswith(component + ".")}
+        if config:
+            out[component] = LoraConfig(**config)
+    return out
+
+
+def _adapter_alpha(config, module: str, rank: int) -> float:
+    """alpha such that alpha / rank is the scale peft gives `module` under `config` (the LoraConfig diffusers'
+    `load_lora_weights` builds from the same metadata); alpha = rank (scale 1) without one."""
+    if config is None:
+        return float(rank)
     from peft.utils.other import get_pattern_key
 
-    cfg = LoraConfig(**config)
-    alpha = cfg.alpha_pattern.get(get_pattern_key(cfg.alpha_pattern.keys(), module), cfg.lora_alpha)
-    scale = alpha / rank**0.5 if cfg.use_rslora else alpha / rank
+    alpha = config.lora_alpha
+    for name in (module, module.removeprefix("text_model.")):  # patterns may name either text-encoder form
+        key = get_pattern_key(config.alpha_pattern.keys(), name)
+        if key in config.alpha_pattern:
+            alpha = config.alpha_pattern[key]
+            break
+    scale = alpha / rank**0.5 if config.use_rslora else alpha / rank
     return float(scale * rank)
 
 
@@ -429,12 +450,11 @@ def read_lora(path: str | os.PathLike, layout: UNetLayout | None = None) -> Lora
         if sgm:
             metadata = {**metadata, "customize.unet_names": "sgm"}
     else:
-        adapter = json.loads(metadata[ADAPTER_METADATA_KEY]) if metadata.get(ADAPTER_METADATA_KEY) else {}
+        configs = _adapter_configs(metadata)
         layers = {}
         for key, g in _parse_diffusers(tensors, str(path)).items():
             component, module = split_key(key)
-            config = {k[len(component) + 1 :]: v for k, v in adapter.items() if k.startswith(component + ".")}
-            alpha = _alpha_from_adapter_config(config, module, g["down"].shape[0])
+            alpha = _adapter_alpha(configs.get(component), module, g["down"].shape[0])
             layers[key] = LoraLayer(g["down"], g["up"], alpha)
     return LoraState(layers, fmt, dict(metadata))
 
@@ -611,14 +631,17 @@ def check_lora_compatible(pipe, lora: str | os.PathLike | LoraState, name: str |
 
 
 def load_lora_files(pipe, specs: list[tuple[str | os.PathLike, float]], prefix: str = "lora") -> list[str]:
-    """Load LoRA files as adapters `<prefix>_0, <prefix>_1, ...` with their weights, through diffusers'
-    `load_lora_weights` + `set_adapters`. Every file is checked first, so a bad one loads nothing."""
+    """Load LoRA files as adapters `<prefix>_<i>` (the first free names) with their weights, through diffusers'
+    `load_lora_weights` + `set_adapters`; returns the adapter names. Every file is checked first, so a bad one
+    loads nothing. Adapters loaded before stay loaded but inactive (set_adapters activates only these)."""
     for path, _ in specs:
         check_lora_compatible(pipe, path)
+    taken = {a for names in pipe.get_list_adapters().values() for a in names}
+    free = (f"{prefix}_{i}" for i in range(len(taken) + len(specs) + 1) if f"{prefix}_{i}" not in taken)
     names = []
-    for i, (path, _) in enumerate(specs):
-        names.append(f"{prefix}_{i}")
-        pipe.load_lora_weights(str(_weights_file(path)), adapter_name=names[-1])
+    for (path, _), name in zip(specs, free):
+        pipe.load_lora_weights(str(_weights_file(path)), adapter_name=name)
+        names.append(name)
     if names:
         pipe.set_adapters(names, adapter_weights=[float(w) for _, w in specs])
     return names
