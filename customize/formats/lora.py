@@ -37,7 +37,6 @@ import torch
 from customize.formats.common import (
     CLIP_L_WIDTH,
     CROSS_ATTENTION_FAMILY,
-    OPENCLIP_BIGG_WIDTH,
     OPENCLIP_H_WIDTH,
     FormatError,
     describe_family,
