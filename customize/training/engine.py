@@ -13,9 +13,9 @@ Design points (the why):
   gradients (the same mean DistributedDataParallel computes, without its forward wrapper, which would hide
   `unet.config` and break methods that call sub-modules directly). The price is no overlap of communication
   with the backward pass; FSDP and DeepSpeed are not supported.
-- The data stream is a pure function of (seed, epoch, index): each epoch's order comes from a generator seeded
-  with (seed, epoch), and every example is produced under python/numpy/torch RNGs seeded with
-  (seed, epoch, index). Random crops and flips are therefore identical whatever the number of workers, and a
+- The data stream (customize.data.sampling) is a pure function of (seed, epoch, index): each epoch's order
+  comes from a generator seeded with (seed, epoch), and every example is produced under python/numpy/torch
+  RNGs seeded with (seed, epoch, index). Random crops and flips are therefore identical whatever the number of workers, and a
   resumed run replays the stream from the exact micro-batch where the checkpoint was taken.
 - The loop's own randomness (noise, timesteps, dropout) uses the global RNGs, seeded per process and saved in
   every checkpoint by accelerate. Validation runs with those RNGs saved and restored, so turning it on or off
