@@ -604,7 +604,11 @@ def check_lora_compatible(pipe, lora: str | os.PathLike | LoraState, name: str |
     if isinstance(lora, LoraState):
         state, name = lora, name or "LoRA"
     else:
-        state, name = read_lora(lora, UNetLayout.from_config(pipe.unet.config)), name or str(lora)
+        try:
+            layout = UNetLayout.from_config(pipe.unet.config)
+        except FormatError:  # per-block layers_per_block: only sgm-named (kohya SDXL) files need one value
+            layout = None
+        state, name = read_lora(lora, layout), name or str(lora)
     file_family = detect_lora_family(state)
     model_family = detect_family(pipe)
     problems = []
