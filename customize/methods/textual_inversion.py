@@ -137,7 +137,7 @@ class TextualInversionConfig(TrainConfig):
 
 
 def check_placeholder(placeholder: str) -> None:
-    """Refuse a placeholder the tokenizers could not round-trip or that would alias an existing word."""
+    """Refuse a placeholder that prompts could not spell back to the same token (spaces, upper case)."""
     if not placeholder or placeholder != placeholder.strip() or any(c.isspace() for c in placeholder):
         raise ValueError(f"placeholder token {placeholder!r} must be one word without spaces, e.g. '<my-concept>'")
     if placeholder != placeholder.lower():
@@ -168,12 +168,11 @@ class _EncoderSlot:
     """The placeholder rows of one text encoder, with the snapshot the other rows are restored from."""
 
     name: str  # pipeline attribute of the text encoder ("text_encoder" | "text_encoder_2")
-    tokenizer: object
     text_encoder: torch.nn.Module
     token_ids: list[int]
     frozen: torch.Tensor  # (V, D) every row as it must stay; placeholder rows updated by `freeze`
     trainable_rows: torch.Tensor  # (V,) bool, True on the placeholder rows that still train
-    hook: object = field(default=None, repr=False)
+    hook: object = field(default=None, repr=False)  # the gradient mask; stays on the weight (inert at inference)
 
     @property
     def weight(self) -> torch.nn.Parameter:
@@ -233,7 +232,7 @@ class PlaceholderTokens:
                 weight[ids] = (noise * std).to(device=weight.device, dtype=weight.dtype)
         trainable = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)  # (V',)
         trainable[ids] = True
-        return _EncoderSlot(name, tokenizer, text_encoder, ids, weight.detach().clone(), trainable)
+        return _EncoderSlot(name, text_encoder, ids, weight.detach().clone(), trainable)
 
     @property
     def prompt_text(self) -> str:
@@ -279,12 +278,6 @@ class PlaceholderTokens:
     def embeddings(self) -> dict[str, torch.Tensor]:
         """{text encoder name: (num_vectors, D)} the learned rows, detached, float32, on the CPU."""
         return {slot.name: slot.weight.detach()[slot.token_ids].float().cpu().clone() for slot in self.slots}
-
-    def remove_hooks(self) -> None:
-        for slot in self.slots:
-            if slot.hook is not None:
-                slot.hook.remove()
-                slot.hook = None
 
 
 def _word_pattern(word: str) -> str:
