@@ -109,7 +109,8 @@ def unet_predict(unet, noisy_latents: torch.Tensor, timesteps: torch.Tensor, con
     if "text_embeds" in cond:
         if time_ids is None:
             raise ValueError("SDXL conditioning needs time_ids (original_size, crop_top_left, target_size)")
-        added = {"text_embeds": cond["text_embeds"], "time_ids": time_ids}
+        # one (1, 6) row serves a whole batch, as in the pipeline
+        added = {"text_embeds": cond["text_embeds"], "time_ids": time_ids.expand(noisy_latents.shape[0], -1)}
     return unet(
         noisy_latents, timesteps, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added, return_dict=False
     )[0]  # (B, C, h, w)

@@ -1,0 +1,174 @@
+"""DreamBooth on the shared engine: SD/SDXL conditioning equal to the pipelines', cached == uncached loss, class
+image generation (count, determinism, resume), full fine-tune output that from_pretrained loads to the same
+image, frozen modules untouched, atomic output."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+
+from customize.data import collate_examples
+from customize.methods import class_images, dreambooth
+from customize.models import load_pipeline, tiny_pipeline
+from customize.training import parse_config, sd, train
+
+RESOLUTION = 32  # tiny pipelines: sample_size 16 latents, VAE factor 2
+PROMPTS = ["a photo of sks dog", "a red circle on the left"]
+
+
+def _images(folder, n=2, seed=0):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (36, 44, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def _image(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(PROMPTS[0], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+
+def test_sd_conditioning_equals_the_pipeline(tiny_sd):
+    with torch.no_grad():
+        ours = sd.encode_prompts(tiny_sd, PROMPTS)
+        theirs, _ = tiny_sd.encode_prompt(PROMPTS, "cpu", 1, False)
+    assert ours.keys() == {"encoder_hidden_states"}
+    assert torch.equal(ours["encoder_hidden_states"], theirs)
+
+
+def test_sdxl_conditioning_and_time_ids_equal_the_pipeline(tiny_sdxl):
+    with torch.no_grad():
+        ours = sd.encode_prompts(tiny_sdxl, PROMPTS)
+        embeds, _, pooled, _ = tiny_sdxl.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
+    assert torch.equal(ours["encoder_hidden_states"], embeds) and torch.equal(ours["text_embeds"], pooled)
+    ids = sd.time_ids(torch.tensor([[40, 36], [32, 32]]), torch.tensor([[4, 0], [0, 0]]), torch.tensor([[32, 32], [32, 32]]))
+    want = tiny_sdxl._get_add_time_ids((40, 36), (4, 0), (32, 32), torch.float32,
+                                       tiny_sdxl.text_encoder_2.config.projection_dim)
+    assert ids.shape == (2, 6) and torch.equal(ids[:1], want)
+
+
+def test_latents_are_scaled_samples_of_the_vae_posterior(tiny_sd):
+    pixels = torch.rand(2, 3, RESOLUTION, RESOLUTION) * 2 - 1
+    with torch.no_grad():
+        dist = tiny_sd.vae.encode(pixels).latent_dist
+        latents = sd.encode_images(tiny_sd.vae, pixels, torch.Generator().manual_seed(5))
+    noise = torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(latents, (dist.mean + dist.std * noise) * tiny_sd.vae.config.scaling_factor)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_cached_features_give_the_uncached_loss(tmp_path, kind):
+    """prepare() replaces images and prompts by VAE moments and text states; the loss of a batch is unchanged."""
+    pipe = tiny_pipeline(kind)
+    cfg = dreambooth.DreamBoothConfig(
+        pretrained_model_name_or_path=f"tiny-{kind}", instance_data_dir=str(_images(tmp_path / "inst")),
+        class_data_dir=str(_images(tmp_path / "cls", 3, seed=1)), class_prompt="a photo of dog",
+        with_prior_preservation=True, num_class_images=3, resolution=RESOLUTION, center_crop=True, snr_gamma=5.0,
+        noise_offset=0.1,
+    )
+    dataset = dreambooth.build_dataset(pipe, cfg)
+    cached = dreambooth.prepare(pipe, dataset, cfg, accelerator=None)
+    raw_batch = collate_examples([dataset[0], dataset[1]])
+    cached_batch = collate_examples([cached[0], cached[1]])
+    assert raw_batch["num_prior"] == cached_batch["num_prior"] == 2
+    assert "pixel_values" not in cached_batch and "encoder_hidden_states" in cached_batch
+    with torch.no_grad():
+        raw = sd.batch_loss(pipe, raw_batch, cfg, torch.Generator().manual_seed(0))
+        fast = sd.batch_loss(pipe, cached_batch, cfg, torch.Generator().manual_seed(0))
+    assert raw.keys() == fast.keys() == {"loss", "instance_loss", "prior_loss"}
+    for key in raw:
+        torch.testing.assert_close(raw[key], fast[key], rtol=1e-5, atol=1e-6)
+
+
+def test_class_images_fill_the_folder_deterministically_and_resume(tmp_path, tiny_sd):
+    folder = _images(tmp_path / "cls", 2, seed=3)  # the user's own class pictures count
+    kw = dict(sample_batch_size=2, seed=7, resolution=RESOLUTION, num_inference_steps=2, progress=False)
+    written = class_images.generate_class_images(tiny_sd, folder, "a photo of dog", 5, **kw)
+    assert [p.name for p in written] == [class_images.class_image_name(i) for i in range(3)]
+    assert len(class_images.present_images(folder)) == 5
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary files left
+    first = {p.name: np.asarray(Image.open(p)) for p in written}
+
+    # an interrupted run: one generated image missing; asking again regenerates exactly it, the same pixels
+    written[1].unlink()
+    again = class_images.generate_class_images(tiny_sd, folder, "a photo of dog", 5, **kw)
+    assert [p.name for p in again] == [written[1].name]
+    assert np.array_equal(np.asarray(Image.open(again[0])), first[written[1].name])
+    assert class_images.generate_class_images(tiny_sd, folder, "a photo of dog", 5, **kw) == []
+    assert class_images.generate_class_images(tiny_sd, folder, "a photo of dog", 1, **kw) == []
+
+    # image i depends on its seed only, not on the batch it was generated in
+    alone = class_images.generate_class_images(tiny_sd, tmp_path / "solo", "a photo of dog", 3,
+                                               **{**kw, "sample_batch_size": 1})
+    assert all(np.array_equal(np.asarray(Image.open(p)), first[p.name]) for p in alone)
+
+
+def test_full_dreambooth_output_loads_with_from_pretrained(tmp_path):
+    """Recipe steps with prior preservation and a trained text encoder; the saved folder reproduces the
+    in-memory model's image, the VAE is bitwise unchanged, and validation images were recorded."""
+    args = [
+        "--pretrained_model_name_or_path", "tiny-sd", "--instance_data_dir", str(_images(tmp_path / "inst")),
+        "--with_prior_preservation", "--class_data_dir", str(tmp_path / "cls"), "--class_prompt", "a photo of dog",
+        "--num_class_images", "2", "--class_inference_steps", "2", "--resolution", str(RESOLUTION),
+        "--output_dir", str(tmp_path / "out"), "--max_train_steps", "2", "--learning_rate", "1e-3",
+        "--train_text_encoder", "--validation_prompt", "a photo of sks dog", "--num_validation_images", "1",
+        "--validation_inference_steps", "2", "--validation_steps", "2", "--report_to", "none", "--progress", "false",
+    ]
+    cfg = parse_config(dreambooth.DreamBoothConfig, args)
+    pipe = load_pipeline(cfg.pretrained_model_name_or_path)
+    vae_before = {k: v.clone() for k, v in pipe.vae.state_dict().items()}
+    unet_before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    te_before = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    base_image = _image(pipe)
+    result = train(dreambooth, pipe, dreambooth.build_dataset(pipe, cfg), cfg)
+
+    assert result.global_step == 2 and "prior_loss" in result.logs[-1] and result.validation_images
+    assert all(torch.equal(v, pipe.vae.state_dict()[k]) for k, v in vae_before.items())
+    assert any(not torch.equal(v, pipe.unet.state_dict()[k]) for k, v in unet_before.items())
+    assert not torch.equal(te_before, pipe.text_encoder.get_input_embeddings().weight)
+    trained_image = _image(pipe)
+    assert np.abs(trained_image - base_image).max() > 1e-3
+
+    out = tmp_path / "out"
+    assert "a photo of sks dog" in (out / "README.md").read_text()
+    loaded = DiffusionPipeline.from_pretrained(str(out))
+    assert type(loaded).__name__ == "StableDiffusionPipeline"
+    assert np.abs(_image(loaded) - trained_image).max() <= 1e-4
+
+
+def test_full_dreambooth_sdxl_trains_the_unet_only(tmp_path):
+    cfg = dreambooth.DreamBoothConfig(
+        pretrained_model_name_or_path="tiny-sdxl", instance_data_dir=str(_images(tmp_path / "inst")),
+        resolution=RESOLUTION, output_dir=str(tmp_path / "out"), max_train_steps=2, learning_rate=1e-3,
+        random_flip=True, report_to="none", progress=False,
+    )
+    pipe = load_pipeline(cfg.pretrained_model_name_or_path)
+    frozen = {name: {k: v.clone() for k, v in getattr(pipe, name).state_dict().items()}
+              for name in ("vae", "text_encoder", "text_encoder_2")}
+    train(dreambooth, pipe, dreambooth.build_dataset(pipe, cfg), cfg)
+    for name, before in frozen.items():
+        assert all(torch.equal(v, getattr(pipe, name).state_dict()[k]) for k, v in before.items()), name
+    loaded = DiffusionPipeline.from_pretrained(str(tmp_path / "out"))
+    assert np.abs(_image(loaded) - _image(pipe)).max() <= 1e-4
+
+
+def test_interrupted_pipeline_save_leaves_no_partial_model(tmp_path, tiny_sd, monkeypatch):
+    def broken(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(tiny_sd.vae), "save_pretrained", broken)
+    cfg = dreambooth.DreamBoothConfig(pretrained_model_name_or_path="tiny-sd")
+    with pytest.raises(OSError, match="disk full"):
+        dreambooth.save(tiny_sd, cfg, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_configuration_errors_say_what_to_do(tmp_path, tiny_sd):
+    with pytest.raises(ValueError, match="--class_data_dir and --class_prompt"):
+        dreambooth.DreamBoothConfig(with_prior_preservation=True)
+    with pytest.raises(ValueError, match="multiple of the VAE downsampling factor 2; use 32 or 34"):
+        dreambooth.build_dataset(tiny_sd, dreambooth.DreamBoothConfig(instance_data_dir=str(tmp_path), resolution=33))
+    with pytest.raises(ValueError, match="instance_data_dir is required"):
+        dreambooth.build_dataset(tiny_sd, dreambooth.DreamBoothConfig(resolution=RESOLUTION))

@@ -1,0 +1,182 @@
+"""LoRA on the shared engine: identity at init, files that plain diffusers loads to the same image, frozen base
+weights, fused == unfused, alpha kept, wrong-family files refused, atomic writes."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from customize.formats.lora import LoraCompatibilityError, load_lora_files
+from customize.methods import lora
+from customize.models import load_pipeline, tiny_pipeline
+from customize.training import parse_config, train
+from customize.training import sd
+
+ROOT = Path(__file__).resolve().parents[1]
+RESOLUTION = 32  # tiny pipelines: sample_size 16 latents, VAE factor 2
+
+
+def _images(folder: Path, n: int = 2, seed: int = 0) -> Path:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def _args(tmp_path: Path, kind: str, *extra: str) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", f"tiny-{kind}", "--instance_data_dir", str(_images(tmp_path / "inst")),
+        "--instance_prompt", "a photo of sks dog", "--output_dir", str(tmp_path / "out"), "--resolution", str(RESOLUTION),
+        "--max_train_steps", "3", "--train_batch_size", "2", "--learning_rate", "3e-2", "--rank", "4", "--lora_alpha", "8",
+        "--report_to", "none", "--progress", "false", "--seed", "1", *extra,
+    ]
+
+
+def _image(pipe, prompt="a photo of sks dog"):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompt, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+
+def _snapshot(module):
+    """Base weights by their pre-peft names (peft moves W of an adapted layer to `<layer>.base_layer.weight`)."""
+    return {k.replace(".base_layer", ""): v.detach().clone() for k, v in module.state_dict().items() if ".lora_" not in k}
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_lora_at_init_equals_base(kind):
+    pipe = tiny_pipeline(kind)
+    cfg = lora.LoRAConfig(pretrained_model_name_or_path=f"tiny-{kind}", train_text_encoder=True, rank=4, lora_alpha=8)
+    latents = torch.randn(2, 4, 16, 16)
+    t = torch.tensor([10, 900])
+    prompts = ["a photo of sks dog", "a red circle"]
+    time_ids = sd.time_ids((RESOLUTION, RESOLUTION), (0, 0), (RESOLUTION, RESOLUTION))
+    with torch.no_grad():
+        cond = sd.encode_prompts(pipe, prompts)
+        base = sd.unet_predict(pipe.unet, latents, t, cond, time_ids)
+    params = lora.trainable_parameters(pipe, cfg)
+    ups = [p for n, m in lora.adapted_modules(pipe, cfg).items() for k, p in m.named_parameters() if "lora_B" in k]
+    assert ups and all(torch.count_nonzero(p) == 0 for p in ups)
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in params)
+    with torch.no_grad():
+        cond_lora = sd.encode_prompts(pipe, prompts)
+        adapted = sd.unet_predict(pipe.unet, latents, t, cond_lora, time_ids)
+    for key in cond:
+        assert torch.equal(cond[key], cond_lora[key])
+    assert torch.equal(base, adapted)
+
+
+def test_trainable_parameters_are_only_lora_and_targets_follow_the_option():
+    pipe = tiny_pipeline("sd")
+    cfg = lora.LoRAConfig(pretrained_model_name_or_path="tiny-sd", lora_target="all-linear")
+    params = lora.trainable_parameters(pipe, cfg)
+    trained = {n for n, p in pipe.unet.named_parameters() if p.requires_grad}
+    assert len(trained) == len(params) and all(".lora_" in n for n in trained)
+    assert any(".ff.net.2.lora_A" in n for n in trained) and any(".attn2.to_k.lora_A" in n for n in trained)
+    assert not any(p.requires_grad for m in (pipe.vae, pipe.text_encoder) for p in m.parameters())
+    # calling it again (a resumed run) reuses the adapter instead of adding a second one
+    assert len(lora.trainable_parameters(pipe, cfg)) == len(params)
+
+    attention_only = tiny_pipeline("sd")
+    lora.trainable_parameters(attention_only, lora.LoRAConfig(pretrained_model_name_or_path="tiny-sd"))
+    names = {n for n, p in attention_only.unet.named_parameters() if p.requires_grad}
+    assert names and not any(".ff." in n for n in names)
+
+
+@pytest.mark.parametrize(
+    "kind,train_text_encoder", [("sd", False), ("sd", True), ("sdxl", False), ("sdxl", True)],
+    ids=["sd-unet", "sd-unet+te", "sdxl-unet", "sdxl-unet+te"],
+)
+def test_trained_lora_loads_in_plain_diffusers_with_the_same_image(tmp_path, kind, train_text_encoder):
+    """The recipe's steps (parse, load, dataset, train); then a fresh seeded pipeline + load_lora_weights gives the
+    in-memory model's image, base weights are bitwise untouched, and fusing the LoRA changes nothing."""
+    cfg = parse_config(lora.LoRAConfig, _args(tmp_path, kind, *(["--train_text_encoder"] if train_text_encoder else [])))
+    pipe = load_pipeline(cfg.pretrained_model_name_or_path)
+    frozen = {name: _snapshot(m) for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+    base_image = _image(pipe)
+    result = train(lora, pipe, lora.build_dataset(pipe, cfg), cfg)
+    assert result.global_step == 3 and all(np.isfinite(result.losses))
+
+    for name, before in frozen.items():
+        after = _snapshot(getattr(pipe, name))
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[k], after[k]) for k in before), f"{name} base weights changed"
+    trained_image = _image(pipe)
+    assert np.abs(trained_image - base_image).max() > 1e-3, "training did not move the LoRA"
+
+    out = tmp_path / "out"
+    keys = load_file(out / lora.LORA_WEIGHT_NAME).keys()
+    assert any(k.startswith("unet.") for k in keys)
+    assert any(k.startswith("text_encoder.") for k in keys) == train_text_encoder
+    assert any(k.startswith("text_encoder_2.") for k in keys) == (train_text_encoder and kind == "sdxl")
+    card = (out / "README.md").read_text()
+    assert "tiny-" + kind in card and "a photo of sks dog" in card and "4 / 8" in card
+
+    fresh = tiny_pipeline(kind, seed=0)
+    fresh.load_lora_weights(str(out))
+    loaded_image = _image(fresh)
+    assert np.abs(loaded_image - trained_image).max() <= 1e-4
+    fresh.fuse_lora()
+    assert np.abs(_image(fresh) - loaded_image).max() <= 1e-4
+
+
+def test_lora_of_another_family_is_refused(tmp_path):
+    pipe = tiny_pipeline("sd")
+    cfg = lora.LoRAConfig(pretrained_model_name_or_path="tiny-sd", train_text_encoder=True)
+    lora.trainable_parameters(pipe, cfg)
+    lora.save(pipe, cfg, tmp_path)
+    with pytest.raises(LoraCompatibilityError, match=r"made for .* but the model is SDXL(.|\n)*do not fit"):
+        load_lora_files(tiny_pipeline("sdxl"), [(tmp_path, 1.0)])
+
+
+def test_failed_save_leaves_no_file(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    pipe = tiny_pipeline("sd")
+    cfg = lora.LoRAConfig(pretrained_model_name_or_path="tiny-sd")
+    lora.trainable_parameters(pipe, cfg)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        lora.save(pipe, cfg, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_resolution_is_refused_before_any_output(tmp_path):
+    from customize.training import parse_config
+
+    sys.path.insert(0, str(ROOT / "recipes"))
+    try:
+        import train_dreambooth_lora
+    finally:
+        sys.path.remove(str(ROOT / "recipes"))
+    args = _args(tmp_path, "sd")
+    args[args.index("--resolution") + 1] = "33"
+    with pytest.raises(ValueError, match="not a multiple of the VAE downsampling factor 2; use 32 or 34"):
+        train_dreambooth_lora.main(args)
+    assert not (tmp_path / "out").exists()
+    assert parse_config(lora.LoRAConfig, args).resolution == 33  # the refusal comes from the model, not the parser
+
+
+def test_recipe_runs_as_a_plain_script_and_writes_the_in_process_result(tmp_path):
+    """`python recipes/train_dreambooth_lora.py ...` (what accelerate launch runs per process) writes bitwise the
+    LoRA that the same configuration trains in this process."""
+    args = _args(tmp_path / "a", "sd", "--max_train_steps", "2")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(ROOT / "recipes" / "train_dreambooth_lora.py"), *args], check=True, env=env,
+                   cwd=tmp_path, capture_output=True)
+    cfg = parse_config(lora.LoRAConfig, args)
+    cfg.output_dir = str(tmp_path / "b")
+    pipe = load_pipeline(cfg.pretrained_model_name_or_path)
+    train(lora, pipe, lora.build_dataset(pipe, cfg), cfg)
+    script, here = load_file(tmp_path / "a" / "out" / lora.LORA_WEIGHT_NAME), load_file(tmp_path / "b" / lora.LORA_WEIGHT_NAME)
+    assert script.keys() == here.keys() and all(torch.equal(script[k], here[k]) for k in script)
