@@ -180,3 +180,18 @@ def test_recipe_runs_as_a_plain_script_and_writes_the_in_process_result(tmp_path
     train(lora, pipe, lora.build_dataset(pipe, cfg), cfg)
     script, here = load_file(tmp_path / "a" / "out" / lora.LORA_WEIGHT_NAME), load_file(tmp_path / "b" / lora.LORA_WEIGHT_NAME)
     assert script.keys() == here.keys() and all(torch.equal(script[k], here[k]) for k in script)
+
+
+def test_bf16_training_keeps_fp32_lora_over_bf16_frozen_weights(tmp_path):
+    cfg = parse_config(lora.LoRAConfig, _args(tmp_path, "sdxl", "--mixed_precision", "bf16", "--train_text_encoder",
+                                              "--validation_prompt", "a photo of sks dog", "--validation_steps", "3",
+                                              "--num_validation_images", "1", "--validation_inference_steps", "2"))
+    pipe = load_pipeline(cfg.pretrained_model_name_or_path)
+    result = train(lora, pipe, lora.build_dataset(pipe, cfg), cfg)
+    assert all(np.isfinite(result.losses)) and result.validation_images
+    for module in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
+        dtypes = {(".lora_" in n, p.dtype) for n, p in module.named_parameters()}
+        assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}
+    assert {p.dtype for p in pipe.vae.parameters()} == {torch.float32}
+    saved = load_file(tmp_path / "out" / lora.LORA_WEIGHT_NAME)
+    assert {v.dtype for v in saved.values()} == {torch.float32}

@@ -24,6 +24,9 @@ from customize.data import PairedDataset, cache_features, collate_examples, drea
 from customize.training import TrainConfig, sd
 
 
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # TrainConfig.mixed_precision -> autocast dtype
+
+
 @dataclass
 class DreamBoothConfig(TrainConfig):
     pretrained_model_name_or_path: str | None = field(
@@ -133,15 +136,18 @@ def loss(pipe, batch, cfg: DreamBoothConfig):
 
 def validate(pipe, cfg: DreamBoothConfig, step: int):
     """Images of the validation prompt from the model as it is now, from a fixed seed so steps are comparable
-    (the engine calls this under no_grad with the trained modules in eval mode)."""
+    (the engine calls this under no_grad with the trained modules in eval mode), under the training autocast."""
     if not cfg.validation_prompt:
         return []
     pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator(pipe.device).manual_seed(cfg.seed)
-    return pipe(
-        cfg.validation_prompt, num_images_per_prompt=cfg.num_validation_images, generator=generator,
-        num_inference_steps=cfg.validation_inference_steps, height=cfg.resolution, width=cfg.resolution,
-    ).images
+    device = sd.first_parameter(pipe.unet).device
+    dtype = AUTOCAST_DTYPES.get(cfg.mixed_precision)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        return pipe(
+            cfg.validation_prompt, num_images_per_prompt=cfg.num_validation_images,
+            generator=torch.Generator(device).manual_seed(cfg.seed), num_inference_steps=cfg.validation_inference_steps,
+            height=cfg.resolution, width=cfg.resolution,
+        ).images
 
 
 def save(pipe, cfg: DreamBoothConfig, out_dir):

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from customize.methods import dreambooth
-from customize.methods.dreambooth import DreamBoothConfig, build_dataset, collate, loss, prepare, validate  # noqa: F401  (shared hooks)
+from customize.methods.dreambooth import DreamBoothConfig, build_dataset, collate, loss, validate  # noqa: F401  (shared hooks)
 from customize.training import sd
 from customize.utils import atomic_path
 
@@ -90,6 +90,21 @@ def trainable_parameters(pipe, cfg: LoRAConfig):
         targets = UNET_TARGETS[cfg.lora_target] if name == "unet" else TEXT_ENCODER_TARGETS
         params += _add_adapter(module, lora_config(cfg, targets))
     return params
+
+
+def prepare(pipe, dataset, cfg: LoRAConfig, accelerator):
+    """DreamBooth's feature cache (computed by the full-precision encoders), then, under mixed precision, the
+    frozen base weights of the UNet and text encoders in the autocast dtype, as diffusers' LoRA scripts keep
+    them: half the memory, and autocast no longer re-casts every weight at every call. The LoRA matrices stay
+    float32. (The VAE stays float32: SDXL's overflows in fp16.)"""
+    dataset = dreambooth.prepare(pipe, dataset, cfg, accelerator)
+    dtype = dreambooth.AUTOCAST_DTYPES.get(cfg.mixed_precision)
+    if dtype is not None:
+        for module in [pipe.unet, *sd.text_encoders(pipe)]:
+            for p in module.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(dtype)
+    return dataset
 
 
 def lora_state(pipe, cfg: LoRAConfig) -> dict:

@@ -22,6 +22,12 @@ from customize.models import is_sdxl, vae_scale_factor
 from customize.training.losses import diffusion_loss
 
 
+def first_parameter(module: torch.nn.Module) -> torch.Tensor:
+    """Where a module lives and in which dtype, in O(1): diffusers' `.device` / `.dtype` walk every submodule
+    (looking for offload hooks), which costs milliseconds per call on a full UNet, too much for every step."""
+    return next(module.parameters())
+
+
 def tokenizers(pipe) -> list:
     return [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
 
@@ -47,10 +53,10 @@ def encode_tokens(pipe, input_ids: Sequence[torch.Tensor]) -> dict[str, torch.Te
         raise ValueError(f"got {len(input_ids)} token tensors for {len(encoders)} text encoders")
     if not is_sdxl(pipe):
         (te,), (ids,) = encoders, input_ids
-        return {"encoder_hidden_states": te(ids.to(te.device), return_dict=False)[0]}  # (B, L, D)
+        return {"encoder_hidden_states": te(ids.to(first_parameter(te).device), return_dict=False)[0]}  # (B, L, D)
     hidden, pooled = [], None
     for te, ids in zip(encoders, input_ids):
-        out = te(ids.to(te.device), output_hidden_states=True, return_dict=True)
+        out = te(ids.to(first_parameter(te).device), output_hidden_states=True, return_dict=True)
         # SDXL conditions on the penultimate layer (clip_skip None in the pipeline) of both encoders.
         hidden.append(out.hidden_states[-2])  # (B, L, D_i)
         if getattr(out, "text_embeds", None) is not None:
@@ -86,7 +92,8 @@ def check_resolution(pipe, resolution: int) -> None:
 def image_moments(vae, pixel_values: torch.Tensor) -> torch.Tensor:
     """q(z | x) of the VAE encoder as its (mean, logvar) moments, (B, 2C, h, w): what a latent cache stores, so that
     a cached run samples latents from the same distribution as an uncached one."""
-    return vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist.parameters  # (B, 2C, h, w)
+    w = first_parameter(vae)
+    return vae.encode(pixel_values.to(device=w.device, dtype=w.dtype)).latent_dist.parameters  # (B, 2C, h, w)
 
 
 def latents_from_moments(vae, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -117,25 +124,25 @@ def unet_predict(unet, noisy_latents: torch.Tensor, timesteps: torch.Tensor, con
 
 
 def batch_loss(pipe, batch: dict, cfg, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """The DreamBooth / LoRA / fine-tune loss of one batch of `customize.data.collate_examples`.
+    """The DreamBooth / LoRA / fine-tune loss of one batch of `customize.data.collate_examples`, already on the
+    training device (the engine sends it there).
 
     Latents come from the feature cache ("latent_moments") or are encoded now ("pixel_values"); the conditioning
     comes from the cache ("encoder_hidden_states" [+ "text_embeds"]) or is encoded now from "prompt", the path
     taken whenever a text encoder trains. The last batch["num_prior"] rows are class images."""
     vae, unet = pipe.vae, pipe.unet
     if "latent_moments" in batch:
-        latents = latents_from_moments(vae, batch["latent_moments"].to(unet.device), generator)
+        latents = latents_from_moments(vae, batch["latent_moments"], generator)  # (B, C, h, w)
     else:
         with torch.no_grad():
-            latents = encode_images(vae, batch["pixel_values"], generator)
-    latents = latents.to(unet.dtype)  # (B, C, h, w)
+            latents = encode_images(vae, batch["pixel_values"], generator)  # (B, C, h, w)
     if "encoder_hidden_states" in batch:
-        cond = {k: batch[k].to(unet.device) for k in ("encoder_hidden_states", "text_embeds") if k in batch}
+        cond = {k: batch[k] for k in ("encoder_hidden_states", "text_embeds") if k in batch}
     else:
         cond = encode_prompts(pipe, batch["prompt"])
     ids = None
     if "text_embeds" in cond:
-        ids = time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"], unet.device, latents.dtype)
+        ids = time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"], latents.device, latents.dtype)
     return diffusion_loss(
         training_scheduler(pipe),
         latents,

@@ -1,0 +1,351 @@
+"""LoRA DreamBooth training step: the toolkit against a diffusers-example loop, measured in the same run.
+
+    python bench/train_step.py                                  # CPU: mini SD1.5/SDXL and the tiny test pipelines
+    python bench/train_step.py --device cuda                    # SD1.5 (512 px, batch 4) and SDXL (1024 px, batch 1)
+    python bench/train_step.py --device cuda --compile          # the toolkit's UNet under torch.compile
+
+The reference (../shared/PERFORMANCE.md) is the loop of diffusers' train_dreambooth_lora*.py, written out below:
+eager PyTorch, peft LoRA on to_q/to_k/to_v/to_out.0, images read and transformed, the VAE and the text
+encoder(s) run on every step, bf16 autocast with bf16 frozen weights and fp32 LoRA parameters on a GPU, AdamW.
+The toolkit side is `train(lora, pipe, dataset, cfg)` as recipes/train_dreambooth_lora.py runs it: VAE moments
+and text states cached once by the method's `prepare`, so a step runs the UNet alone.
+
+Both sides use models built from the same configs (random weights: speed depends on the architecture, not the
+weights) and the same images on disk. Each side runs `--rounds` times, alternating, so the machine's drift hits
+both; a step's time is the interval between two optimizer steps (data, forward, backward, clip, AdamW, logging),
+with warm-up steps left out; the report is the median. Peak memory is `torch.cuda.max_memory_allocated` (GPU only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from customize.methods import lora
+from customize.models import build_clip_tokenizer, is_sdxl, tiny_pipeline
+from customize.training import train
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+RANK = 4
+LEARNING_RATE = 1e-4
+NUM_IMAGES = 8  # a DreamBooth-sized instance set that every batch size here divides
+
+# Architectures of the released models (their configs on the hub), built here with random weights.
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8,
+)
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+SD_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+)
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              projection_dim=768, hidden_act="quick_gelu")
+CLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                 projection_dim=1280, hidden_act="gelu")
+CLIP_VOCAB = 49408
+
+
+def _text_encoder(tokenizer, spec: dict, with_projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(vocab_size=CLIP_VOCAB, max_position_embeddings=tokenizer.model_max_length,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **spec)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg).eval()
+
+
+# Mini versions with the released models' layout and roughly their balance of work between VAE, text encoders
+# and UNet (channel widths / 10, 4-layer text encoders, images / 4 per side), small enough for a CPU. The tiny
+# test pipelines (customize.models.tiny_pipeline) have a near-free VAE and text encoder, so caching them
+# barely shows there.
+MINI = {
+    "unet_sd15": {**SD15_UNET, "block_out_channels": (32, 64, 128, 128), "cross_attention_dim": 64, "sample_size": 16},
+    "unet_sdxl": {**SDXL_UNET, "block_out_channels": (32, 64, 128), "attention_head_dim": (1, 2, 4),
+                  "cross_attention_dim": 64 + 128, "addition_time_embed_dim": 32,
+                  "projection_class_embeddings_input_dim": 128 + 6 * 32, "sample_size": 32},
+    "vae": {**SD_VAE, "block_out_channels": (16, 32, 64, 64), "norm_num_groups": 8},
+    "clip_l": {**CLIP_L, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+               "projection_dim": 64},
+    "clip_bigg": {**CLIP_BIGG, "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4,
+                  "num_attention_heads": 4, "projection_dim": 128},
+}
+
+
+def sd_like_pipeline(kind: str, mini: bool = False, seed: int = 0):
+    """SD1.5 / SDXL-base architectures (or their MINI versions) with random weights. The tokenizer has a small
+    vocabulary; the text encoders' cost depends on the sequence length, which is the real 77."""
+    from diffusers import (AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+
+    torch.manual_seed(seed)
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                              clip_sample=False)
+    tok = build_clip_tokenizer()
+    vae_spec, clip_l, clip_bigg = (MINI["vae"], MINI["clip_l"], MINI["clip_bigg"]) if mini else (SD_VAE, CLIP_L, CLIP_BIGG)
+    if kind == "sd15":
+        vae = AutoencoderKL(**vae_spec, scaling_factor=0.18215).eval()
+        unet = UNet2DConditionModel(**(MINI["unet_sd15"] if mini else SD15_UNET)).eval()
+        return StableDiffusionPipeline(
+            vae=vae, text_encoder=_text_encoder(tok, clip_l, False), tokenizer=tok, unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    vae = AutoencoderKL(**vae_spec, scaling_factor=0.13025, force_upcast=True).eval()
+    unet = UNet2DConditionModel(**(MINI["unet_sdxl"] if mini else SDXL_UNET)).eval()
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=_text_encoder(tok, clip_l, False), text_encoder_2=_text_encoder(tok, clip_bigg, True),
+        tokenizer=tok, tokenizer_2=build_clip_tokenizer(), unet=unet, scheduler=scheduler,
+    )
+
+
+CONFIGS = {
+    # name: (builder, resolution, batch size)
+    "mini-sd15": (lambda: sd_like_pipeline("sd15", mini=True), 128, 4),
+    "mini-sdxl": (lambda: sd_like_pipeline("sdxl", mini=True), 256, 1),
+    "tiny-sd": (lambda: tiny_pipeline("sd"), 32, 4),
+    "tiny-sdxl": (lambda: tiny_pipeline("sdxl"), 32, 1),
+    "sd15": (lambda: sd_like_pipeline("sd15"), 512, 4),
+    "sdxl": (lambda: sd_like_pipeline("sdxl"), 1024, 1),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference: diffusers' train_dreambooth_lora(_sdxl).py step, without the parts that do not run per step
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ReferenceDreamBoothDataset(torch.utils.data.Dataset):
+    """diffusers' DreamBoothDataset: open, EXIF-rotate, resize (shorter side), random crop, normalise, tokenize,
+    on every access."""
+
+    def __init__(self, folder: Path, prompt: str, tokenizers, resolution: int):
+        self.paths = sorted(folder.glob("*.png"))
+        self.resolution = resolution
+        self.input_ids = [
+            t(prompt, truncation=True, padding="max_length", max_length=t.model_max_length, return_tensors="pt").input_ids
+            for t in tokenizers
+        ]
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        img = ImageOps.exif_transpose(Image.open(self.paths[i])).convert("RGB")
+        original_size = (img.height, img.width)
+        scale = self.resolution / min(img.size)
+        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BILINEAR)
+        top = int(torch.randint(0, img.height - self.resolution + 1, ()))
+        left = int(torch.randint(0, img.width - self.resolution + 1, ()))
+        img = img.crop((left, top, left + self.resolution, top + self.resolution))
+        pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)  # (3, H, W)
+        ids = [x[0] for x in self.input_ids]
+        return {"pixel_values": pixels, "input_ids": ids, "time_ids": torch.tensor(original_size + (top, left) + (self.resolution,) * 2)}
+
+
+def reference_collate(examples):
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(),  # (B, 3, H, W)
+        "input_ids": [torch.stack(ids) for ids in zip(*[e["input_ids"] for e in examples])],  # per tokenizer (B, L)
+        "time_ids": torch.stack([e["time_ids"] for e in examples]).float(),  # (B, 6)
+    }
+
+
+def reference_loop(pipe, folder: Path, prompt: str, resolution: int, batch_size: int, steps: int, device,
+                   mixed_precision: str) -> list[float]:
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from peft import LoraConfig
+
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+    sdxl = is_sdxl(pipe)
+    vae, unet = pipe.vae, pipe.unet
+    text_encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
+    for m in [vae, unet, *text_encoders]:
+        m.requires_grad_(False).to(device, dtype=weight_dtype)
+    if sdxl:  # the SDXL script keeps the VAE in fp32 (it overflows in fp16)
+        vae.to(dtype=torch.float32)
+    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:  # fp32 LoRA parameters under bf16 autocast (PERFORMANCE.md)
+        p.data = p.data.float()
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    dataset = ReferenceDreamBoothDataset(folder, prompt, [pipe.tokenizer] + ([pipe.tokenizer_2] if sdxl else []), resolution)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=reference_collate)
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer)
+    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    unet.train()
+
+    stamps = []
+    while len(stamps) < steps:
+        for batch in loader:
+            with accelerator.accumulate(unet):
+                pixel_values = batch["pixel_values"].to(dtype=vae.dtype)
+                model_input = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
+                model_input = model_input.to(weight_dtype)
+                noise = torch.randn_like(model_input)
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (model_input.shape[0],),
+                                          device=model_input.device).long()
+                noisy = noise_scheduler.add_noise(model_input, noise, timesteps)
+                if sdxl:
+                    hidden, pooled = [], None
+                    for te, ids in zip(text_encoders, batch["input_ids"]):
+                        out = te(ids.to(device), output_hidden_states=True, return_dict=False)
+                        pooled = out[0]
+                        hidden.append(out[-1][-2])
+                    added = {"text_embeds": pooled, "time_ids": batch["time_ids"].to(device, weight_dtype)}
+                    pred = unet(noisy, timesteps, torch.cat(hidden, dim=-1), added_cond_kwargs=added, return_dict=False)[0]
+                else:
+                    states = text_encoders[0](batch["input_ids"][0].to(device), return_dict=False)[0]
+                    pred = unet(noisy, timesteps, states, return_dict=False)[0]
+                loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            loss.detach().item()  # the example logs the loss every step
+            _sync(device)
+            stamps.append(time.perf_counter())
+            if len(stamps) >= steps:
+                break
+    return stamps
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The toolkit
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Clocked:
+    """The LoRA method with a clock: the engine calls `after_step` once per optimizer step."""
+
+    def __init__(self, method, device):
+        self.method, self.device, self.stamps = method, device, []
+
+    def __getattr__(self, name):
+        return getattr(self.method, name)
+
+    def after_step(self, model, cfg):
+        _sync(self.device)
+        self.stamps.append(time.perf_counter())
+
+
+def toolkit_loop(pipe, name: str, folder: Path, prompt: str, resolution: int, batch_size: int, steps: int,
+                 device, mixed_precision: str, compile: bool, out_dir: Path) -> list[float]:
+    cfg = lora.LoRAConfig(
+        pretrained_model_name_or_path=name, instance_data_dir=str(folder), instance_prompt=prompt,
+        resolution=resolution, train_batch_size=batch_size, max_train_steps=steps, rank=RANK,
+        learning_rate=LEARNING_RATE, mixed_precision=mixed_precision, compile=compile, checkpointing_steps=0,
+        report_to="none", progress=False, output_dir=str(out_dir),
+    )
+    clocked = Clocked(lora, device)
+    train(clocked, pipe, lora.build_dataset(pipe, cfg), cfg)
+    return clocked.stamps
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _write_images(folder: Path, resolution: int, seed: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(NUM_IMAGES):  # a little larger than the training size, so both sides resize and crop
+        h, w = resolution * 5 // 4, resolution * 3 // 2
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def _step_times(stamps: list[float], warmup: int) -> list[float]:
+    return list(np.diff(stamps[warmup:]))
+
+
+def measure(name: str, args, device) -> dict:
+    build, resolution, batch = CONFIGS[name]
+    mixed_precision = "bf16" if torch.device(device).type == "cuda" else "no"
+    steps = args.warmup + args.steps + 1
+    prompt = "a photo of sks dog"
+    times = {"reference": [], "toolkit": []}
+    peaks = {"reference": 0, "toolkit": 0}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = _write_images(Path(tmp) / "images", resolution)
+        for r in range(args.rounds):
+            for side in ("reference", "toolkit"):
+                pipe = build()
+                if torch.device(device).type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                if side == "reference":
+                    stamps = reference_loop(pipe, folder, prompt, resolution, batch, steps, device, mixed_precision)
+                else:
+                    stamps = toolkit_loop(pipe, name, folder, prompt, resolution, batch, steps, device,
+                                          mixed_precision, args.compile, Path(tmp) / f"out{r}")
+                times[side] += _step_times(stamps, args.warmup)
+                if torch.device(device).type == "cuda":
+                    peaks[side] = max(peaks[side], torch.cuda.max_memory_allocated())
+                del pipe
+                gc.collect()
+                if torch.device(device).type == "cuda":
+                    torch.cuda.empty_cache()
+    ref, ours = statistics.median(times["reference"]), statistics.median(times["toolkit"])
+    return {"name": name, "batch": batch, "resolution": resolution, "reference": ref, "toolkit": ours,
+            "ratio": ref / ours, "peaks": peaks, "precision": mixed_precision}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=None,
+                   help="default: mini-sd15 mini-sdxl tiny-sd tiny-sdxl on cpu, sd15 sdxl on cuda")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per round (default 30 cpu, 20 cuda)")
+    p.add_argument("--warmup", type=int, default=5, help="steps left out at the start of each round")
+    p.add_argument("--rounds", type=int, default=2, help="alternating reference/toolkit rounds")
+    p.add_argument("--compile", action="store_true", help="torch.compile the toolkit's UNet (GPU: inductor)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = p.parse_args(argv)
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but no CUDA GPU is visible; run on a GPU machine or use --device cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.steps = args.steps or (20 if cuda else 30)
+    configs = args.configs or (["sd15", "sdxl"] if cuda else ["mini-sd15", "mini-sdxl", "tiny-sd", "tiny-sdxl"])
+    where = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"LoRA DreamBooth step, toolkit vs diffusers-example loop | {where} | torch {torch.__version__} | "
+          f"{args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up | compile={args.compile}")
+    print(f"{'config':<10} {'batch':>5} {'px':>5} {'precision':>9} {'reference s/step':>17} {'toolkit s/step':>15} "
+          f"{'speed-up':>9} {'ref peak GB':>12} {'ours peak GB':>13}")
+    for name in configs:
+        r = measure(name, args, args.device)
+        peak = (lambda b: f"{b / 2**30:.2f}") if cuda else (lambda b: "n/a")
+        print(f"{r['name']:<10} {r['batch']:>5} {r['resolution']:>5} {r['precision']:>9} {r['reference']:>17.4f} "
+              f"{r['toolkit']:>15.4f} {r['ratio']:>8.2f}x {peak(r['peaks']['reference']):>12} "
+              f"{peak(r['peaks']['toolkit']):>13}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
