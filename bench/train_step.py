@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import tempfile
 import time
@@ -321,18 +322,22 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=None,
                    help="default: mini-sd15 mini-sdxl tiny-sd tiny-sdxl on cpu, sd15 sdxl on cuda")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per round (default 30 cpu, 20 cuda)")
-    p.add_argument("--warmup", type=int, default=5, help="steps left out at the start of each round")
-    p.add_argument("--rounds", type=int, default=2, help="alternating reference/toolkit rounds")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per round (default 10 cpu, 20 cuda)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="steps left out at the start of each round (default 3 cpu, 10 cuda: compilation)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating reference/toolkit rounds")
     p.add_argument("--compile", action="store_true", help="torch.compile the toolkit's UNet (GPU: inductor)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
     cuda = torch.device(args.device).type == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda but no CUDA GPU is visible; run on a GPU machine or use --device cpu")
+    if not cuda:  # keep accelerate (the engine's and the reference's) off a GPU the machine may have
+        os.environ["ACCELERATE_USE_CPU"] = "true"
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.steps = args.steps or (20 if cuda else 30)
+    args.steps = args.steps or (20 if cuda else 10)
+    args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 3)
     configs = args.configs or (["sd15", "sdxl"] if cuda else ["mini-sd15", "mini-sdxl", "tiny-sd", "tiny-sdxl"])
     where = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"LoRA DreamBooth step, toolkit vs diffusers-example loop | {where} | torch {torch.__version__} | "
