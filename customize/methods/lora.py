@@ -7,7 +7,7 @@ the diffusers / transformers `add_adapter` hooks; the file is written by the pip
 metadata so `pipe.load_lora_weights(dir)` rebuilds the same scale alpha / r.
 
 Training data and loss are DreamBooth's (instance prompt, optional prior preservation, or per-image captions for
-a style LoRA): only `trainable_parameters` and `save` differ.
+a style LoRA); what differs is which weights train, their precision (`prepare`) and the file (`save`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from customize.formats.lora import LORA_WEIGHT_NAME
 from customize.methods import dreambooth
 from customize.methods.dreambooth import DreamBoothConfig, build_dataset, collate, loss, validate  # noqa: F401  (shared hooks)
 from customize.training import sd
@@ -31,7 +32,6 @@ UNET_TARGETS = {
 }
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 ADAPTER = "default"
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
 @dataclass
