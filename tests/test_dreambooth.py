@@ -74,12 +74,16 @@ def test_cached_features_give_the_uncached_loss(tmp_path, kind):
     cached_batch = collate_examples([cached[0], cached[1]])
     assert raw_batch["num_prior"] == cached_batch["num_prior"] == 2
     assert "pixel_values" not in cached_batch and "encoder_hidden_states" in cached_batch
+    tokenized_batch = {k: v for k, v in raw_batch.items() if k != "prompt"}
+    tokenized_batch["input_ids"] = sd.tokenize(pipe, raw_batch["prompt"])  # what a collate may hand over instead
     with torch.no_grad():
         raw = sd.batch_loss(pipe, raw_batch, cfg, torch.Generator().manual_seed(0))
+        tokenized = sd.batch_loss(pipe, tokenized_batch, cfg, torch.Generator().manual_seed(0))
         fast = sd.batch_loss(pipe, cached_batch, cfg, torch.Generator().manual_seed(0))
-    assert raw.keys() == fast.keys() == {"loss", "instance_loss", "prior_loss"}
+    assert raw.keys() == fast.keys() == tokenized.keys() == {"loss", "instance_loss", "prior_loss"}
     for key in raw:
         torch.testing.assert_close(raw[key], fast[key], rtol=1e-5, atol=1e-6)
+        assert torch.equal(raw[key], tokenized[key])
 
 
 def test_class_images_fill_the_folder_deterministically_and_resume(tmp_path, tiny_sd):

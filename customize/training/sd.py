@@ -128,8 +128,9 @@ def batch_loss(pipe, batch: dict, cfg, generator: torch.Generator | None = None)
     training device (the engine sends it there).
 
     Latents come from the feature cache ("latent_moments") or are encoded now ("pixel_values"); the conditioning
-    comes from the cache ("encoder_hidden_states" [+ "text_embeds"]) or is encoded now from "prompt", the path
-    taken whenever a text encoder trains. The last batch["num_prior"] rows are class images."""
+    comes from the cache ("encoder_hidden_states" [+ "text_embeds"]) or is encoded now, the path taken whenever a
+    text encoder trains, from token ids a collate made ("input_ids": one (B, L) tensor per tokenizer) or else
+    from "prompt". The last batch["num_prior"] rows are class images."""
     vae, unet = pipe.vae, pipe.unet
     if "latent_moments" in batch:
         latents = latents_from_moments(vae, batch["latent_moments"], generator)  # (B, C, h, w)
@@ -138,6 +139,8 @@ def batch_loss(pipe, batch: dict, cfg, generator: torch.Generator | None = None)
             latents = encode_images(vae, batch["pixel_values"], generator)  # (B, C, h, w)
     if "encoder_hidden_states" in batch:
         cond = {k: batch[k] for k in ("encoder_hidden_states", "text_embeds") if k in batch}
+    elif "input_ids" in batch:
+        cond = encode_tokens(pipe, batch["input_ids"])
     else:
         cond = encode_prompts(pipe, batch["prompt"])
     ids = None
