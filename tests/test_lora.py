@@ -213,3 +213,18 @@ def test_resumed_lora_run_writes_the_uninterrupted_weights(tmp_path):
     a = load_file(tmp_path / "straight" / lora.LORA_WEIGHT_NAME)
     b = load_file(tmp_path / "resumed" / lora.LORA_WEIGHT_NAME)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_style_lora_trains_on_per_image_captions(tmp_path):
+    folder = _images(tmp_path / "style", n=3)
+    captions = ["a red circle in the style of sks", "a blue square in the style of sks", "a green triangle"]
+    for i, caption in enumerate(captions):
+        (folder / f"{i}.txt").write_text(caption)
+    args = _args(tmp_path, "sdxl", "--use_captions", "--max_train_steps", "2")
+    args[args.index("--instance_data_dir") + 1] = str(folder)
+    cfg = parse_config(lora.LoRAConfig, args)
+    pipe = load_pipeline(cfg.pretrained_model_name_or_path)
+    dataset = lora.build_dataset(pipe, cfg)
+    assert [dataset[i]["instance"]["prompt"] for i in range(3)] == captions
+    result = train(lora, pipe, dataset, cfg)
+    assert result.global_step == 2 and (tmp_path / "out" / lora.LORA_WEIGHT_NAME).is_file()
