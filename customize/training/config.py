@@ -56,6 +56,11 @@ class TrainConfig:
         default=False, metadata={"help": "xformers attention instead of PyTorch SDPA (needs pip install xformers)."}
     )
     compile: bool = field(default=False, metadata={"help": "torch.compile the trained module(s)."})
+    compile_mode: str = field(
+        default="default",
+        metadata={"help": "torch.compile mode on CUDA: default, reduce-overhead (CUDA graphs: removes the launch-bound "
+                          "floor of small steps) or max-autotune."},
+    )
     checkpointing_steps: int = field(default=500, metadata={"help": "Save a resumable checkpoint every N steps (0: never)."})
     checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep at most this many checkpoints."})
     resume_from_checkpoint: str | None = field(

@@ -124,11 +124,15 @@ def _enable_xformers(modules: dict[str, torch.nn.Module]) -> None:
             module.enable_xformers_memory_efficient_attention()
 
 
-def _compile(module: torch.nn.Module, device: torch.device) -> None:
+def _compile(module: torch.nn.Module, device: torch.device, mode: str = "default") -> None:
     """Compile in place (nn.Module.compile), so the object, its state_dict keys and any peft adapters stay as
     they are. On CPU the graph is captured with the 'eager' backend: it checks the module traces without
-    needing a C++ toolchain or minutes of kernel generation."""
-    module.compile(backend="inductor" if device.type == "cuda" else "eager")
+    needing a C++ toolchain or minutes of kernel generation. On CUDA `mode` picks inductor's mode
+    ("reduce-overhead" records CUDA graphs)."""
+    if device.type == "cuda":
+        module.compile(backend="inductor", mode=mode)
+    else:
+        module.compile(backend="eager")
 
 
 def _average_gradients(params: list[torch.nn.Parameter], accelerator) -> None:
@@ -254,7 +258,7 @@ def train(method, model, dataset, cfg: TrainConfig) -> TrainResult:
     _broadcast_parameters(params, accelerator)
     if cfg.compile:
         for m in trained.values():
-            _compile(m, device)
+            _compile(m, device, cfg.compile_mode)
 
     optimizer = build_optimizer(groups, cfg, device)
     lr_scheduler = build_lr_scheduler(optimizer, cfg)
