@@ -61,6 +61,11 @@ class TrainConfig:
         metadata={"help": "torch.compile mode on CUDA: default, reduce-overhead (CUDA graphs: removes the launch-bound "
                           "floor of small steps) or max-autotune."},
     )
+    logging_steps: int = field(
+        default=1,
+        metadata={"help": "Read the loss back to the host every N steps (progress bar, trackers). Above 1 a GPU step "
+                          "no longer waits for the host each step; non-finite losses are caught at that interval."},
+    )
     checkpointing_steps: int = field(default=500, metadata={"help": "Save a resumable checkpoint every N steps (0: never)."})
     checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep at most this many checkpoints."})
     resume_from_checkpoint: str | None = field(

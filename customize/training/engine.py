@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,11 +175,12 @@ def _broadcast_parameters(params: list[torch.nn.Parameter], accelerator) -> None
             dist.broadcast(p.data, src=0)
 
 
-def _split_loss(out) -> tuple[torch.Tensor, dict[str, float]]:
+def _split_loss(out) -> tuple[torch.Tensor, dict]:
+    """(loss, extras); extras stay tensors (no host sync here) until the engine logs them."""
     if isinstance(out, dict):
         if "loss" not in out:
             raise KeyError("a method's loss returned a dict without the 'loss' entry")
-        extras = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items() if k != "loss"}
+        extras = {k: v.detach().float() if torch.is_tensor(v) else float(v) for k, v in out.items() if k != "loss"}
         return out["loss"], extras
     return out, {}
 
@@ -348,18 +350,34 @@ def train(method, model, dataset, cfg: TrainConfig) -> TrainResult:
     progress = tqdm(total=cfg.max_train_steps, initial=global_step, desc="steps",
                     disable=not (cfg.progress and accelerator.is_local_main_process))
     window_loss = torch.zeros((), device=device)
-    window_extras: dict[str, float] = {}
+    window_extras: dict = {}
+    pending: list[tuple] = []
+
+    def flush_logs() -> None:
+        for step, loss_t, lr, extras, grad_norm in pending:
+            step_loss = float(loss_t)
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(
+                    f"loss is {step_loss} at step {step}: lower learning_rate, use bf16 instead of fp16, "
+                    "or check the data"
+                )
+            logs = {"loss": step_loss, "lr": lr, **{k: float(v) for k, v in extras.items()}}
+            if grad_norm is not None:
+                logs["grad_norm"] = float(grad_norm)
+            losses.append(step_loss)
+            result.logs.append(logs)
+            accelerator.log(logs, step=step)
+        if pending:
+            progress.update(len(pending))
+            progress.set_postfix(loss=f"{losses[-1]:.4g}", lr=f"{result.logs[-1]['lr']:.3g}", refresh=False)
+        pending.clear()
+
     while global_step < cfg.max_train_steps:
         sampler.set_epoch(epoch, skip=skip)
         for batch in loader:
             batch = send_to_device(batch, device, non_blocking=True)
             with accelerator.autocast():
                 loss, extras = _split_loss(method.loss(model, batch, cfg))
-            if not torch.isfinite(loss.detach()):
-                raise FloatingPointError(
-                    f"loss is {loss.item()} at step {global_step + 1}: lower learning_rate, use bf16 instead "
-                    "of fp16, or check the data"
-                )
             # Each micro-batch loss is a mean over its examples; dividing by the accumulation count makes the
             # summed gradient that of the mean over the whole accumulated batch.
             accelerator.backward(loss / ga)
@@ -382,19 +400,18 @@ def train(method, model, dataset, cfg: TrainConfig) -> TrainResult:
                 ema.step()
             global_step += 1
 
-            step_loss = accelerator.reduce(window_loss / ga, reduction="mean").item()
-            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], **window_extras}
-            if grad_norm is not None:
-                logs["grad_norm"] = float(grad_norm)
-            losses.append(step_loss)
-            result.logs.append(logs)
-            accelerator.log(logs, step=global_step)
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4g}", lr=f"{logs['lr']:.3g}", refresh=False)
-            window_loss.zero_()
+            # Kept on the device; read back every logging_steps so a GPU step need not wait for the host.
+            pending.append((global_step, accelerator.reduce(window_loss / ga, reduction="mean"),
+                            lr_scheduler.get_last_lr()[0], window_extras,
+                            grad_norm.detach() if torch.is_tensor(grad_norm) else grad_norm))
+            window_loss = torch.zeros((), device=device)
             window_extras = {}
+            checkpoint_now = cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0
+            if (global_step % max(cfg.logging_steps, 1) == 0 or checkpoint_now
+                    or global_step >= cfg.max_train_steps):
+                flush_logs()
 
-            if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0:
+            if checkpoint_now:
                 save_checkpoint(global_step)
             if cfg.validation_steps and global_step % cfg.validation_steps == 0:
                 validate(global_step)
