@@ -143,4 +143,4 @@ def test_core_sampler_equals_ddpm_pipeline():
                callback=lambda i, t, x_t, x0: steps.append(t))
     assert steps == list(range(95, -1, -5))
     ours = (x / 2 + 0.5).clamp(0, 1)
-    assert (ours - images).abs().max() <= 1e-4, (ours - images).abs().max()
+    assert (ours - images).abs().max() <= 1e-5, (ours - images).abs().max()

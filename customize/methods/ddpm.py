@@ -115,12 +115,15 @@ def build_model(cfg: DDPMConfig, channels: int, classes: list[str] | None = None
         if cfg.class_conditional and got != len(classes):
             raise ValueError(f"{cfg.pretrained_model_name_or_path} has {got} classes, the data {len(classes)}")
         return DDPMModel(model.unet, model.noise_scheduler, classes or model.classes)
-    unet = UNet(UNetConfig(
-        in_channels=channels, out_channels=channels, channels=tuple(cfg.block_out_channels),
-        layers_per_level=cfg.layers_per_block, down_attention=cfg.attention_flags(), head_dim=cfg.attention_head_dim,
-        norm_groups=cfg.norm_num_groups, dropout=cfg.dropout, sample_size=cfg.resolution,
-        num_class_embeds=len(classes) if cfg.class_conditional else None,
-    ))
+    # The initial weights are a function of the seed: a resumed run and a fresh one must agree on them.
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        unet = UNet(UNetConfig(
+            in_channels=channels, out_channels=channels, channels=tuple(cfg.block_out_channels),
+            layers_per_level=cfg.layers_per_block, down_attention=cfg.attention_flags(),
+            head_dim=cfg.attention_head_dim, norm_groups=cfg.norm_num_groups, dropout=cfg.dropout,
+            sample_size=cfg.resolution, num_class_embeds=len(classes) if cfg.class_conditional else None,
+        ))
     scheduler = DDPMScheduler(num_train_timesteps=cfg.ddpm_num_steps, beta_schedule=cfg.ddpm_beta_schedule,
                               prediction_type=cfg.prediction_type)
     return DDPMModel(unet, scheduler, classes if cfg.class_conditional else [])
