@@ -58,10 +58,13 @@ class BenchConfig:
     ema_decay: float = 0.995
     snr_gamma: float | None = 5.0
     ddpm_num_steps: int = 1000
-    ddpm_beta_schedule: str = "linear"
+    ddpm_beta_schedule: str = field(default="squaredcos_cap_v2", metadata={
+        "help": "cosine: the linear schedule destroys 8x8 images within the first few hundred steps (Nichol & "
+                "Dhariwal 2021); at 800 steps cosine scored 0.953 / FD 13 against linear's 0.937 / FD 19."})
     prediction_type: str = "epsilon"
     num_samples: int = 1000
     num_inference_steps: int = 50
+    steps: int | None = field(default=None, metadata={"help": "Train this many steps instead of the time budget."})
     probe_steps: int = 20
     microbench_rounds: int = 7
     skip_reference: bool = field(default=False, metadata={"help": "Train and score only ours (for tuning)."})
@@ -134,8 +137,8 @@ def microbench(models: dict[str, DDPMModel], dataset, bench: BenchConfig, steps_
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def run_training(name: str, model: DDPMModel, dataset, bench: BenchConfig, steps_per_second: float) -> dict:
-    steps = max(1, int(bench.minutes * 60 * steps_per_second))
+def run_training(name: str, model: DDPMModel, dataset, bench: BenchConfig, steps_per_second: float | None) -> dict:
+    steps = bench.steps or max(1, int(bench.minutes * 60 * steps_per_second))
     timed = Timed()
     out = Path(bench.output_dir) / name
     start = time.perf_counter()
@@ -228,16 +231,21 @@ def draw(name: str, folder: str, bench: BenchConfig) -> tuple[np.ndarray, np.nda
 
 
 def save_grid(samples: dict[str, np.ndarray], labels: np.ndarray, path: Path, per_class: int = 10, zoom: int = 4):
-    """One column block per model: row = digit, `per_class` samples of it; white gutter between models."""
+    """One block per model (ours first): row k holds `per_class` samples of digit k. Ink is dark on white,
+    cells are framed by a light grey line, models are separated by a dark bar."""
     from PIL import Image
 
     from customize.data.images import save_image_atomic
 
+    def framed(d):  # (8, 8) -> (9, 9) with a light grey (value 3 of 16) line right and below
+        return np.pad(d, ((0, 1), (0, 1)), constant_values=3.0)
+
     blocks = []
     for digits in samples.values():
-        rows = [np.concatenate([digits[labels == k][i] for i in range(per_class)], axis=1) for k in range(NUM_CLASSES)]
+        rows = [np.concatenate([framed(digits[labels == k][i]) for i in range(per_class)], axis=1)
+                for k in range(NUM_CLASSES)]
         blocks.append(np.concatenate(rows, axis=0))
-        blocks.append(np.full((blocks[-1].shape[0], 4), 16.0))
+        blocks.append(np.full((blocks[-1].shape[0], 3), 16.0))
     grid = np.concatenate(blocks[:-1], axis=1)
     img = Image.fromarray((255 - grid / 16 * 255).clip(0, 255).astype(np.uint8), mode="L")
     save_image_atomic(img.resize((img.width * zoom, img.height * zoom), Image.Resampling.NEAREST), path)
@@ -257,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
     micro = microbench(models, dataset, bench)
     results: dict = {"config": asdict(bench), "parameters": params, "microbench_s": micro, "models": {}}
     for name, model in models.items():
-        rate = probe(model, dataset, bench)
+        rate = None if bench.steps else probe(model, dataset, bench)
         results["models"][name] = run_training(name, model, dataset, bench, rate)
         print(f"{name:9s} trained {results['models'][name]['steps']} steps in {results['models'][name]['wall_s']:.0f} s "
               f"({results['models'][name]['steps_per_s']:.2f} steps/s)", flush=True)

@@ -10,8 +10,10 @@ ResBlock more per level, each taking a concatenated skip. The timestep enters th
 added to it.
 
 Module names are our own (`down.0.blocks.1.conv1`, `mid.attn.qkv`, `up.2.upsample`); `diffusers_module_map`
-is the single place that ties them to UNet2DModel's state-dict keys, in both directions. Query, key and value
-are one fused Linear (`qkv`) and attention runs through `scaled_dot_product_attention`.
+is the single place that ties them to UNet2DModel's state-dict keys, in both directions. Fused where the math
+allows: query, key and value are one Linear (`qkv`), attention runs through `scaled_dot_product_attention`,
+the time-embedding projections of all ResBlocks are one matmul, SiLU(embedding) is computed once, and no
+division happens for output scales of 1.
 """
 
 from __future__ import annotations
@@ -233,10 +235,11 @@ class ResBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
-    def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
-        """x (B, in, H, W), temb_act = SiLU(embedding) (B, temb_dim) -> (B, out, H, W)."""
+    def forward(self, x: torch.Tensor, t_proj: torch.Tensor) -> torch.Tensor:
+        """x (B, in, H, W), t_proj = time_proj(SiLU(embedding)) (B, out or 2*out), computed by the UNet for all
+        blocks in one matmul -> (B, out, H, W)."""
         h = self.conv1(F.silu(self.norm1(x)))  # (B, out, H, W)
-        t = self.time_proj(temb_act)[:, :, None, None]  # (B, out or 2*out, 1, 1)
+        t = t_proj[:, :, None, None]  # (B, out or 2*out, 1, 1)
         if self.scale_shift:
             scale, shift = t.chunk(2, dim=1)
             h = self.norm2(h) * (1 + scale) + shift
@@ -383,10 +386,26 @@ class UNet(nn.Module):
         """Recompute ResBlock activations in the backward pass (less memory, ~30% more compute)."""
         self.gradient_checkpointing = enabled
 
-    def _res(self, block: ResBlock, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
+    def _res(self, block: ResBlock, x: torch.Tensor, t_proj: torch.Tensor) -> torch.Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, x, temb_act, use_reentrant=False)
-        return block(x, temb_act)
+            return checkpoint(block, x, t_proj, use_reentrant=False)
+        return block(x, t_proj)
+
+    def _res_blocks(self) -> list[ResBlock]:
+        """Every ResBlock in execution order (down, mid, up coarsest first)."""
+        blocks = [b for level in self.down for b in level.blocks]
+        if self.mid is not None:
+            blocks += [self.mid.block1, self.mid.block2]
+        return blocks + [b for level in reversed(self.up) for b in level.blocks]
+
+    def time_projections(self, temb_act: torch.Tensor) -> list[torch.Tensor]:
+        """Every ResBlock's time_proj(SiLU(emb)) from one matmul over their stacked weights (fused: one GEMM
+        and one backward instead of one per block). Returns one (B, out or 2*out) tensor per block, in
+        `_res_blocks` order."""
+        blocks = self._res_blocks()
+        weight = torch.cat([b.time_proj.weight for b in blocks])  # (sum of outs, temb_dim)
+        bias = torch.cat([b.time_proj.bias for b in blocks])
+        return list(F.linear(temb_act, weight, bias).split([b.time_proj.out_features for b in blocks], dim=1))
 
     def embed(self, timestep, batch: int, class_labels: torch.Tensor | None, device) -> torch.Tensor:
         """SiLU(time embedding [+ class embedding]) (B, temb_dim); every ResBlock applies SiLU first, so once."""
@@ -408,11 +427,12 @@ class UNet(nn.Module):
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
         temb = self.embed(timestep, sample.shape[0], class_labels, sample.device)
+        t_proj = iter(self.time_projections(temb))
         h = self.stem(sample)  # (B, ch0, H, W)
         skips = [h]
         for level in self.down:
             for j, block in enumerate(level.blocks):
-                h = self._res(block, h, temb)
+                h = self._res(block, h, next(t_proj))
                 if len(level.attns):
                     h = level.attns[j](h)
                 skips.append(h)
@@ -420,13 +440,13 @@ class UNet(nn.Module):
                 h = level.resample(h)
                 skips.append(h)
         if self.mid is not None:
-            h = self._res(self.mid.block1, h, temb)
+            h = self._res(self.mid.block1, h, next(t_proj))
             if self.mid.attn is not None:
                 h = self.mid.attn(h)
-            h = self._res(self.mid.block2, h, temb)
+            h = self._res(self.mid.block2, h, next(t_proj))
         for level in reversed(self.up):
             for j, block in enumerate(level.blocks):
-                h = self._res(block, torch.cat([h, skips.pop()], dim=1), temb)
+                h = self._res(block, torch.cat([h, skips.pop()], dim=1), next(t_proj))
                 if len(level.attns):
                     h = level.attns[j](h)
             if level.resample is not None:

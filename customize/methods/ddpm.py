@@ -55,20 +55,24 @@ class DDPMConfig(TrainConfig):
     norm_num_groups: int = 8
     dropout: float = 0.0
     ddpm_num_steps: int = field(default=1000, metadata={"help": "Diffusion steps T."})
-    ddpm_beta_schedule: str = field(default="linear", metadata={"help": "linear, scaled_linear, squaredcos_cap_v2, "
-                                                                         "sigmoid or quadratic."})
+    ddpm_beta_schedule: str = field(default="squaredcos_cap_v2", metadata={
+        "help": "linear, scaled_linear, squaredcos_cap_v2 (cosine), sigmoid or quadratic. Cosine is the default: the "
+                "linear schedule destroys small images too early (Nichol & Dhariwal 2021; bench/ddpm_digits.py)."})
     prediction_type: str = field(default="epsilon", metadata={"help": "epsilon, v_prediction or sample."})
-    snr_gamma: float | None = field(default=None, metadata={"help": "min-SNR-gamma loss weighting (5.0 is usual)."})
+    snr_gamma: float | None = field(default=5.0, metadata={"help": "min-SNR-gamma loss weighting (Hang et al. 2023); "
+                                                                    "0 or None for plain L_simple."})
     ddpm_num_inference_steps: int = field(default=50, metadata={"help": "DDIM steps of the validation samples."})
     num_validation_images: int = 16
-    learning_rate: float = 1e-3
+    # Defaults tuned on the digits (bench/ddpm_digits.py): a 1 M-parameter UNet reaches real-digit quality in
+    # ~1,000 steps of 64 on one CPU thread.
+    learning_rate: float = 2e-3
     train_batch_size: int = 64
     max_train_steps: int = 3000
     lr_warmup_steps: int = 100
     lr_scheduler: str = "cosine"
     adam_weight_decay: float = 0.0
     use_ema: bool = True
-    ema_decay: float = 0.999
+    ema_decay: float = 0.995
     validation_steps: int = 500
 
     def __post_init__(self):
