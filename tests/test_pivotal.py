@@ -166,3 +166,18 @@ def test_bad_configs_are_refused(tmp_path):
         PivotalTuning().trainable_parameters(pipe, config(tmp_path, placeholder_token="dog"))
     with pytest.raises(ValueError, match="single token"):
         PivotalTuning().trainable_parameters(tiny_pipeline("sd"), config(tmp_path, initializer_token="dogs"))
+
+
+def test_validation_prompt_names_the_new_tokens(tmp_path):
+    cfg = config(tmp_path, validation_prompt="a TOK dog on the grass", num_validation_images=1,
+                 validation_inference_steps=2)
+    pipe = tiny_pipeline("sd")
+    method = PivotalTuning()
+    method.trainable_parameters(pipe, cfg)
+    images = method.validate(pipe, cfg, step=0)
+    expected = pipe("a <s0> dog on the grass", num_inference_steps=2, height=RESOLUTION, width=RESOLUTION,
+                    generator=torch.Generator().manual_seed(cfg.seed)).images
+    literal = pipe("a TOK dog on the grass", num_inference_steps=2, height=RESOLUTION, width=RESOLUTION,
+                   generator=torch.Generator().manual_seed(cfg.seed)).images
+    assert np.array_equal(np.asarray(images[0]), np.asarray(expected[0]))
+    assert not np.array_equal(np.asarray(images[0]), np.asarray(literal[0]))

@@ -289,3 +289,20 @@ def test_trained_embedding_refused_by_a_model_it_does_not_fit(tmp_path):
     ok = tiny_pipeline("sd")
     assert load_embedding_into(ok, files["single"]) == ["<tok>"]
     assert torch.equal(ok.text_encoder.get_input_embeddings().weight[-1], tokens.embeddings()["text_encoder"][0])
+
+
+def test_validation_images_use_the_placeholder(tmp_path):
+    pipe = tiny_pipeline("sd")
+    cfg = config(tmp_path, validation_prompt="a {} on the grass", num_validation_images=2, validation_inference_steps=2)
+    method = ti.TextualInversion()
+    (weight,) = method.trainable_parameters(pipe, cfg)
+    with torch.no_grad():
+        weight[method.tokens.slots[0].token_ids] += 1.0  # S* no longer looks like its initializer
+    images = method.validate(pipe, cfg, step=0)
+    expected = pipe("a <tok> on the grass", num_images_per_prompt=2, num_inference_steps=2, height=RESOLUTION,
+                    width=RESOLUTION, generator=torch.Generator().manual_seed(cfg.seed)).images
+    assert len(images) == 2
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, expected))
+    initializer = pipe("a dog on the grass", num_images_per_prompt=2, num_inference_steps=2, height=RESOLUTION,
+                       width=RESOLUTION, generator=torch.Generator().manual_seed(cfg.seed)).images
+    assert not np.array_equal(np.asarray(images[0]), np.asarray(initializer[0]))

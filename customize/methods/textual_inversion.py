@@ -18,6 +18,7 @@ a restore of every other row from a snapshot (decoupled weight decay moves rows 
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from torch.utils.data import Dataset
 
 from customize.data import ImageCaptionDataset, cache_features, collate_examples
 from customize.formats import placeholder_tokens, save_embedding
+from customize.methods import dreambooth
 from customize.models import model_info
 from customize.training import TrainConfig, sd
 
@@ -395,11 +397,12 @@ class TextualInversion:
     def after_step(self, pipe, cfg: TextualInversionConfig) -> None:
         self._require_tokens().restore_frozen_rows()
 
-    @torch.no_grad()
     def validate(self, pipe, cfg: TextualInversionConfig, step: int):
+        """DreamBooth's validation images (fixed seed, training autocast) of the prompt with S* filled in."""
         if not cfg.validation_prompt:
             return []
-        return generate(pipe, validation_prompt(cfg.validation_prompt, cfg.placeholder_token), cfg)
+        prompt = validation_prompt(cfg.validation_prompt, cfg.placeholder_token)
+        return dreambooth.validate(pipe, dataclasses.replace(cfg, validation_prompt=prompt), step)
 
     def save(self, pipe, cfg: TextualInversionConfig, out_dir) -> dict[str, str]:
         return save_embeddings(self._require_tokens(), out_dir)
@@ -411,16 +414,6 @@ class TextualInversion:
 def validation_prompt(prompt: str, placeholder: str) -> str:
     """'{}' in a user prompt stands for S* (its first token: the pipeline expands multi-vector tokens itself)."""
     return prompt.replace("{}", placeholder)
-
-
-def generate(pipe, prompt: str, cfg) -> list:
-    """Validation images from a fixed seed, so the grids of successive steps are comparable."""
-    pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator(pipe.device).manual_seed(cfg.seed)
-    return pipe(
-        prompt, num_images_per_prompt=cfg.num_validation_images, generator=generator,
-        num_inference_steps=cfg.validation_inference_steps, height=cfg.resolution, width=cfg.resolution,
-    ).images
 
 
 def single_file_name(placeholder: str) -> str:
