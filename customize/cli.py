@@ -77,8 +77,9 @@ examples:
 """
 
 DEMO_HELP = """\
-The toy-world demo: train and sample tiny models on procedural shapes, on a CPU, in minutes.
-Arguments after `demo` go to the demo itself (`customize demo --help` lists them once it is installed).
+The README's main job, on a CPU in minutes: `customize demo toy` (a LoRA learns a new subject on the tiny
+toy-world model, then draws and scores it) or `customize demo digits` (the from-scratch DDPM core trained on
+scikit-learn's digits, scored by a digit classifier). With no name: toy when its model is present, else digits.
 """
 
 BENCH_HELP = """\
@@ -368,7 +369,7 @@ def _run_optional(module: str, what: str, argv: list[str]) -> int:
 
 
 def cmd_demo(args) -> int:
-    return _run_optional("customize.toy.demo", "the toy-world demo", args.args)
+    return _run_optional("customize.demo", "the demo", args.args)
 
 
 def cmd_bench(args) -> int:

@@ -143,9 +143,9 @@ def test_convert_command_keeps_every_delta(files, tmp_path, capsys):
 
 def test_demo_and_bench_are_passed_through_or_explained(monkeypatch, capsys):
     seen = []
-    demo = types.ModuleType("customize.toy.demo")
+    demo = types.ModuleType("customize.demo")
     demo.main = lambda argv: seen.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "customize.toy.demo", demo)
+    monkeypatch.setitem(sys.modules, "customize.demo", demo)
     assert main(["demo", "--steps", "3", "--help"]) == 0 and seen == [["--steps", "3", "--help"]]
     monkeypatch.setitem(sys.modules, "customize.bench", None)  # as if not installed
     assert main(["bench"]) == 1 and "not available" in capsys.readouterr().err
