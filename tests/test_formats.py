@@ -433,3 +433,13 @@ def test_embedding_errors_width_vocabulary_family(tmp_path):
     with pytest.raises(FormatError, match="text_encoder_2"):  # an SD embedding cannot condition SDXL's 2nd encoder
         load_embedding_into(sdxl, ok)
     assert "<ok>" not in sdxl.tokenizer.get_vocab()  # nothing was added before the refusal
+
+
+def test_diffusers_embedding_layout_accepts_a_folder_with_a_dot_in_its_name(tmp_path):
+    """An output folder such as outputs/sd1.5-cat is a folder, not a file with suffix '.5-cat'."""
+    vec = torch.randn(2, 32)
+    written = save_embedding(tmp_path / "sd1.5-cat", "<cat>", vec)
+    assert [p.name for p in written] == ["learned_embeds.safetensors"]
+    assert torch.equal(read_embedding(tmp_path / "sd1.5-cat").vectors["text_encoder"], vec)
+    with pytest.raises(ValueError, match="folder"):
+        save_embedding(tmp_path / "cat.safetensors", "<cat>", vec)

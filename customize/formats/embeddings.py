@@ -148,7 +148,9 @@ def save_embedding(
     meta = {TOKEN_METADATA_KEY: token}
     if layout == "diffusers":
         folder = Path(path)
-        if folder.suffix:
+        # A folder may have a dot in its name (outputs/sd1.5-cat); only an existing file or a weights-file
+        # suffix means the caller passed a file.
+        if folder.is_file() or folder.suffix in (".safetensors", ".bin", ".pt"):
             raise ValueError(f"{folder}: the diffusers layout writes into a folder; pass a folder path")
         out = [save_safetensors_atomic({token: vectors["text_encoder"]}, folder / EMBEDDING_WEIGHT_NAME, meta)]
         if "text_encoder_2" in vectors:
@@ -216,7 +218,9 @@ def load_embedding_into(pipe, path: str | os.PathLike | Embedding, token: str | 
             )
     for name, tokenizer, encoder in encoders:
         tokenizer.add_tokens(tokens)
-        encoder.resize_token_embeddings(len(tokenizer))
+        # Some checkpoints carry more embedding rows than tokens (padded vocabularies): never shrink those.
+        rows = encoder.get_input_embeddings().weight.shape[0]
+        encoder.resize_token_embeddings(max(len(tokenizer), rows))
         weight = encoder.get_input_embeddings().weight
         ids = tokenizer.convert_tokens_to_ids(tokens)
         with torch.no_grad():
