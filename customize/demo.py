@@ -74,7 +74,7 @@ def digits_demo(argv: list[str]) -> int:
     confidence = float(proba.max(1).mean())
     right = float((proba.argmax(1) == asked).mean())
 
-    grid = (digits.reshape(10, 10, 8, 8).transpose(1, 2, 0, 3).reshape(80, 80) / 16 * 255).astype(np.uint8)
+    grid = (digits.reshape(10, 10, 8, 8).transpose(0, 2, 1, 3).reshape(80, 80) / 16 * 255).astype(np.uint8)
     out = Path(a.output_dir) / "digits_grid.png"
     from customize.data.images import save_image_atomic
 
