@@ -134,10 +134,3 @@ def test_exports_load_with_the_datasets_library(tmp_path):
     assert ctrl[0]["text"] == world.caption(world.sample_scene(world.scene_rng(0, 0, "control-mask"), "all"))
     with pytest.raises(ValueError, match="unknown toy data set"):
         world.rows("nope", 1)
-
-
-def test_tensor_round_trip():
-    img = world.render(world.subject_scenes(1)[0])
-    x = world.to_tensor(img)
-    assert x.shape == (3, world.IMAGE_SIZE, world.IMAGE_SIZE) and x.min() >= -1 and x.max() <= 1
-    assert np.array_equal(np.asarray(world.to_pil(x)), np.asarray(img))

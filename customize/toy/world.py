@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 from PIL import Image
 
 IMAGE_SIZE = 32  # pixels; the geometry below is in units of a 32-px image and scales with the size asked for
@@ -243,6 +242,58 @@ def control_map(scene: Scene, kind: str = "mask", image_size: int = IMAGE_SIZE) 
     elif kind != "mask":
         raise ValueError(f"control map kind must be 'mask' or 'edge', got {kind!r}")
     return Image.fromarray((mask * 255).astype(np.uint8), mode="L").convert("RGB")
+
+
+def clutter_array(seed: int, index: int, image_size: int = IMAGE_SIZE) -> np.ndarray:
+    """A generic image for training the VAE, (H, W, 3) float32 in [0, 255]: 1-4 random primitives (rectangles,
+    thin bars, ellipses, triangles, plus signs, striped patches) in random palette colours over a random
+    background colour.
+
+    An autoencoder is a codec, not a generative model: SD's VAE is trained on generic images and can encode any
+    subject, and the toy VAE is trained on these plus base scenes, so it can encode a picture of a held-out
+    concept. What is held out is held out from the generative part: the text encoder and the UNet never see the
+    subject, the style or their words."""
+    rng = scene_rng(seed, index, "clutter")
+    names = list(PALETTE)
+    unit = image_size / IMAGE_SIZE
+    n = image_size * SUPERSAMPLE
+    coords = (np.arange(n) + 0.5) / SUPERSAMPLE / unit  # sub-pixel centres in 32-px units
+    x, y = np.meshgrid(coords, coords)
+    canvas = np.empty((n, n, 3), dtype=np.float32)
+    canvas[:] = PALETTE[names[rng.integers(len(names))]]
+    for _ in range(rng.integers(1, 5)):
+        kind = rng.integers(6)
+        cx, cy = rng.uniform(0, IMAGE_SIZE, size=2)
+        colour = PALETTE[names[rng.integers(len(names))]]
+        if kind == 0:  # rectangle
+            hw, hh = rng.uniform(2, 12, size=2)
+            inside = (np.abs(x - cx) <= hw) & (np.abs(y - cy) <= hh)
+        elif kind == 1:  # thin bar, horizontal or vertical
+            half_thick, half_len = rng.uniform(0.5, 2.0), rng.uniform(6, 16)
+            hw, hh = (half_len, half_thick) if rng.random() < 0.5 else (half_thick, half_len)
+            inside = (np.abs(x - cx) <= hw) & (np.abs(y - cy) <= hh)
+        elif kind == 2:  # ellipse
+            rx, ry = rng.uniform(2, 10, size=2)
+            inside = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1
+        elif kind == 3:  # triangle: inside all three half-planes of random vertices (either winding)
+            vx, vy = rng.uniform(cx - 10, cx + 10, size=3), rng.uniform(cy - 10, cy + 10, size=3)
+            sides = [(vx[(k + 1) % 3] - vx[k]) * (y - vy[k]) - (vy[(k + 1) % 3] - vy[k]) * (x - vx[k]) for k in range(3)]
+            inside = ((sides[0] >= 0) & (sides[1] >= 0) & (sides[2] >= 0)) | ((sides[0] <= 0) & (sides[1] <= 0) & (sides[2] <= 0))
+        elif kind == 4:  # plus sign of random arm length and width
+            r, arm = rng.uniform(4, 11), rng.uniform(1, 4)
+            ax, ay = np.abs(x - cx), np.abs(y - cy)
+            inside = ((ax <= arm) & (ay <= r)) | ((ay <= arm) & (ax <= r))
+        else:  # striped rectangle: bands of a second colour, random period and orientation
+            hw, hh = rng.uniform(4, 14, size=2)
+            inside = (np.abs(x - cx) <= hw) & (np.abs(y - cy) <= hh)
+            period = rng.uniform(4, 10)
+            along = y if rng.random() < 0.5 else x
+            band = np.mod(along - rng.uniform(0, period), period) < period * rng.uniform(0.25, 0.5)
+            canvas[inside & ~band] = colour
+            colour = PALETTE[names[rng.integers(len(names))]]
+            inside = inside & band
+        canvas[inside] = colour
+    return canvas.reshape(image_size, SUPERSAMPLE, image_size, SUPERSAMPLE, 3).mean(axis=(1, 3))  # (H, W, 3)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -581,20 +632,3 @@ def to_dataset(name: str, n: int, seed: int = 0, split: str | None = None):
         for k, v in columns.items()
     })
     return datasets.Dataset.from_dict(columns, features=features)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tensors
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL RGB -> (3, H, W) float32 in [-1, 1], the pixel range of the SD VAE."""
-    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (3, H, W)
-
-
-def to_pil(x: torch.Tensor) -> Image.Image:
-    """(3, H, W) in [-1, 1] -> PIL RGB."""
-    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr, mode="RGB")

@@ -1,0 +1,395 @@
+"""The toy base model: a Stable Diffusion 1.x-format pipeline trained from scratch on the toy world.
+
+Two methods for the shared engine (`customize.training.train`), run one after the other by
+`recipes/train_toy_base.py`:
+
+1. `VAEStage` trains an AutoencoderKL (Kingma & Welling; SD's first stage) on world scenes and generic clutter:
+       L = E_x [ mean |x - D(z)| + kl_weight * KL(q(z|x) || N(0, I)) / dim(z) ],  z ~ q(z|x) = N(mu(x), sigma(x)^2)
+   then sets `scaling_factor` = 1 / std(z) over world scenes, so the diffusion model sees unit-variance latents
+   (SD's 0.18215 was measured the same way).
+2. `TextUNetStage` trains the CLIP text encoder and the UNet2DConditionModel jointly on cached latents with the
+   shared denoising loss (`customize.training.sd.batch_loss`: Ho et al.'s L_simple, optional min-SNR weighting),
+   dropping captions at `caption_dropout` so classifier-free guidance works, and saves the whole pipeline with
+   the shared pipeline writer (`customize.methods.dreambooth.save`).
+
+The models are small on purpose (about 3 MB of fp32 weights in all): 32x32 images, a 4x VAE (8x8x4 latents),
+a 64-wide 3-layer text encoder, a (32, 64, 64) UNet. The scheduler is SD's: DDIM over scaled_linear betas
+0.00085..0.012, 1000 steps, epsilon prediction.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from customize.data.datasets import collate_examples
+from customize.data.transforms import pil_to_tensor
+from customize.toy import world
+from customize.toy.tokenizer import MODEL_MAX_LENGTH, toy_tokenizer
+from customize.training import TrainConfig, sd
+from customize.utils import atomic_path
+
+# Architectures (diffusers / transformers constructor arguments).
+# A 2x VAE: 16x16x4 latents. A 4x one (8x8 latents) trains slower for the same time on a CPU and rounds the
+# squares' corners, which the UNet then cannot recover.
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+    sample_size=world.IMAGE_SIZE,
+)
+# Cross-attention at every level, as in SD: without it at 16x16 the background colour, decided in the coarse
+# levels, reaches the full-resolution latents too weakly and comes out as a blend. One head at 16x16 (256 tokens
+# of 16 channels) keeps that level's attention cheap.
+UNET_CONFIG = dict(
+    in_channels=4, out_channels=4, block_out_channels=(16, 32, 64), layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
+    attention_head_dim=(1, 4, 4),  # diffusers' name for the number of heads per level
+    norm_num_groups=8,
+)
+TEXT_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, hidden_act="gelu")
+# Stable Diffusion 1.x's noise schedule and DDIM settings (SPECS.md section 1).
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+)
+
+
+@dataclass
+class ToyBaseConfig(TrainConfig):
+    """Both stages' settings; the shared fields (seed, batch size, precision, checkpoints, ...) apply to each."""
+
+    output_dir: str = field(default="outputs/toy_base", metadata={"help": "Run folder (checkpoints and logs of both stages)."})
+    pipeline_dir: str | None = field(
+        default=None, metadata={"help": "Where the trained pipeline is saved; default <output_dir>/pipeline."}
+    )
+    data_seed: int = field(default=0, metadata={"help": "Seed of the world examples (scenes, captions, clutter)."})
+    num_train_images: int = field(default=20000, metadata={"help": "World examples per stage (clutter included for the VAE)."})
+    clutter_fraction: float = field(default=0.5, metadata={"help": "Share of generic clutter images in the VAE data."})
+    vae_train_steps: int = 1500
+    vae_learning_rate: float = 2e-3
+    vae_batch_size: int = 32
+    vae_crop_size: int | None = field(default=16, metadata={"help": "Train the VAE on random crops of this size (None: whole images)."})
+    kl_weight: float = field(default=1e-4, metadata={"help": "Weight of the per-element KL term of the VAE loss."})
+    unet_train_steps: int = 4000
+    unet_learning_rate: float = 1e-3
+    text_encoder_learning_rate: float | None = field(default=None, metadata={"help": "Default: unet_learning_rate."})
+    caption_dropout: float = field(default=0.1, metadata={"help": "Share of empty captions (for classifier-free guidance)."})
+    snr_gamma: float | None = field(default=5.0, metadata={"help": "min-SNR-gamma weighting of the denoising loss."})
+    noise_offset: float = field(default=0.0, metadata={"help": "Noise offset scale (helps flat, saturated colours)."})
+    # Not a flag: the shared loss reads it, and the toy data has no prior-preservation (class) rows.
+    prior_loss_weight = 0.0
+    validation_guidance: float = 4.0
+    validation_inference_steps: int = 25
+    train_batch_size: int = 64
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 100
+    adam_weight_decay: float = 0.0
+    checkpointing_steps: int = 1000
+    checkpoints_total_limit: int | None = 1
+    report_to: str = "none"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.clutter_fraction < 1.0:
+            raise ValueError(f"clutter_fraction must be in [0, 1), got {self.clutter_fraction}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ToyImages(Dataset):
+    """World training examples {"pixel_values": (3, H, W) in [-1, 1], "text": caption}, example i a pure
+    function of (seed, i). With `clutter_fraction`, that share of the examples are generic clutter images with
+    an empty caption (VAE data only). With `crop_size`, a random crop of that size (drawn from python's
+    `random`, which the engine seeds per example): the VAE is convolutional, and a 16-px crop costs a quarter of
+    a whole image, so the VAE gets four times the optimizer steps for the same time."""
+
+    def __init__(self, n: int, seed: int = 0, split: str = "train", clutter_fraction: float = 0.0,
+                 crop_size: int | None = None):
+        if crop_size is not None and not 0 < crop_size <= world.IMAGE_SIZE:
+            raise ValueError(f"crop_size must be in (0, {world.IMAGE_SIZE}], got {crop_size}")
+        self.n, self.seed, self.split, self.clutter_fraction, self.crop_size = n, seed, split, clutter_fraction, crop_size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def is_clutter(self, i: int) -> bool:
+        return bool(world.scene_rng(self.seed, i, "clutter?").random() < self.clutter_fraction)
+
+    def __getitem__(self, i: int) -> dict:
+        if self.is_clutter(i):
+            arr = np.clip(np.rint(world.clutter_array(self.seed, i)), 0, 255).astype(np.uint8)
+            pixels, text = pil_to_tensor(Image.fromarray(arr, mode="RGB")), ""
+        else:
+            scene, text = world.base_example(self.seed, i, self.split)
+            pixels = pil_to_tensor(world.render(scene))  # (3, H, W)
+        if self.crop_size is not None:
+            top, left = (random.randrange(world.IMAGE_SIZE - self.crop_size + 1) for _ in range(2))
+            pixels = pixels[:, top:top + self.crop_size, left:left + self.crop_size]  # (3, crop, crop)
+        return {"pixel_values": pixels, "text": text}
+
+
+class CaptionDropout(Dataset):
+    """Replace an example's caption by "" with probability p, drawn per access (the engine seeds each access),
+    so the model also learns the unconditional prediction that classifier-free guidance needs."""
+
+    def __init__(self, dataset, p: float):
+        self.dataset, self.p = dataset, p
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        ex = dict(self.dataset[i])
+        if random.random() < self.p:
+            ex["text"] = ""
+        return ex
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def new_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(**VAE_CONFIG)
+
+
+def new_pipeline(vae, tokenizer=None, seed: int = 0):
+    """A StableDiffusionPipeline around a trained `vae`: a fresh text encoder and UNet sized for its latents,
+    the toy tokenizer, SD's DDIM scheduler."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from customize.models import vae_scale_factor
+
+    tokenizer = tokenizer or toy_tokenizer()
+    text_cfg = CLIPTextConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        **TEXT_CONFIG,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(text_cfg)
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(
+        sample_size=vae.config.sample_size // vae_scale_factor(vae), cross_attention_dim=text_cfg.hidden_size,
+        **UNET_CONFIG,
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+@torch.no_grad()
+def latent_std(vae, n: int = 512, seed: int = 0) -> float:
+    """std of z ~ q(z | x) over `n` world scenes (the quantity SD's scaling_factor normalises)."""
+    x = torch.stack([ToyImages(n, seed, "all")[i]["pixel_values"] for i in range(n)])  # (n, 3, H, W)
+    g = torch.Generator().manual_seed(seed)
+    z = torch.cat([vae.encode(b.to(vae.device)).latent_dist.sample(g.manual_seed(seed + k)).cpu()
+                   for k, b in enumerate(x.split(128))])  # (n, C, h, w)
+    return float(z.std())
+
+
+def write_clip_vocab_files(tokenizer, folder: str | Path) -> None:
+    """Also write vocab.json and merges.txt beside tokenizer.json, so the slow CLIPTokenizer of older
+    transformers releases loads the folder too."""
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    folder = Path(folder)
+    with atomic_path(folder / "vocab.json") as tmp:
+        tmp.write_text(json.dumps(model["vocab"], ensure_ascii=False))
+    with atomic_path(folder / "merges.txt") as tmp:
+        tmp.write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 1: the VAE
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class VAEStage:
+    """Engine method for the AutoencoderKL. The model is the VAE itself."""
+
+    def trainable_parameters(self, vae, cfg: ToyBaseConfig):
+        vae.requires_grad_(True)
+        return list(vae.parameters())
+
+    def loss(self, vae, batch, cfg: ToyBaseConfig):
+        x = batch["pixel_values"].to(vae.device, vae.dtype)  # (B, 3, H, W)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample  # (B, 3, H, W)
+        rec = (recon.float() - x.float()).abs().mean()
+        kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent element: independent of the latent size
+        return {"loss": rec + cfg.kl_weight * kl, "reconstruction": rec.detach(), "kl": kl.detach()}
+
+    def collate(self, examples):
+        return {"pixel_values": torch.stack([e["pixel_values"] for e in examples])}  # (B, 3, H, W)
+
+    def validate(self, vae, cfg: ToyBaseConfig, step: int):
+        x = torch.stack([ToyImages(8, cfg.data_seed + 1, "all", cfg.clutter_fraction)[i]["pixel_values"] for i in range(8)])
+        recon = vae.decode(vae.encode(x.to(vae.device)).latent_dist.mode()).sample.cpu()
+        from customize.data.transforms import tensor_to_pil
+
+        return [tensor_to_pil(t) for t in torch.cat([x, recon])]
+
+    def save(self, vae, cfg: ToyBaseConfig, out_dir):
+        """Set scaling_factor from the trained encoder, then save the VAE folder."""
+        vae.register_to_config(scaling_factor=1.0 / latent_std(vae, seed=cfg.data_seed))
+        from customize.utils import atomic_dir
+
+        with atomic_dir(Path(out_dir) / "vae") as tmp:
+            vae.save_pretrained(tmp, safe_serialization=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 2: text encoder + UNet
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class TextUNetStage:
+    """Engine method for the text encoder and UNet of a pipeline whose VAE is trained and frozen."""
+
+    def __init__(self, tokenizer, pipeline_dir: str | Path):
+        self.tokenizer, self.pipeline_dir = tokenizer, Path(pipeline_dir)
+
+    def trainable_parameters(self, pipe, cfg: ToyBaseConfig):
+        pipe.vae.requires_grad_(False).eval()
+        pipe.unet.requires_grad_(True)
+        pipe.text_encoder.requires_grad_(True)
+        return [
+            {"params": list(pipe.unet.parameters()), "lr": cfg.learning_rate},
+            {"params": list(pipe.text_encoder.parameters()), "lr": cfg.text_encoder_learning_rate or cfg.learning_rate},
+        ]
+
+    def prepare(self, pipe, dataset, cfg: ToyBaseConfig, accelerator):
+        """Encode every image once with the frozen VAE (its posterior moments, so each step still samples z),
+        then drop captions per access."""
+        if cfg.cache_latents:
+            from customize.data.cache import cache_features
+
+            vae = pipe.vae
+            dataset = cache_features(
+                dataset, lambda b: {"latent_moments": sd.image_moments(vae, b["pixel_values"])},
+                batch_size=256, seed=cfg.data_seed, collate=collate_examples,
+            )
+        return CaptionDropout(dataset, cfg.caption_dropout)
+
+    def collate(self, examples):
+        batch = collate_examples(examples)
+        batch["input_ids"] = [self.tokenizer(
+            batch.pop("text"), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids]  # one (B, L) tensor per tokenizer, as sd.encode_tokens takes them
+        return batch
+
+    def loss(self, pipe, batch, cfg: ToyBaseConfig):
+        return sd.batch_loss(pipe, batch, cfg)
+
+    def validate(self, pipe, cfg: ToyBaseConfig, step: int):
+        from customize.toy.quality import sample
+
+        prompts = [p for p, _ in world.heldout_prompts(8, seed=cfg.data_seed)]
+        return sample(pipe, prompts, guidance_scale=cfg.validation_guidance,
+                      num_inference_steps=cfg.validation_inference_steps)
+
+    def save(self, pipe, cfg: ToyBaseConfig, out_dir):
+        """The pipeline (shared writer: components first, model_index.json last), CLIP vocab files for old
+        transformers, and a model card, into `pipeline_dir` (`out_dir` keeps the run's checkpoints and logs)."""
+        from customize.methods import dreambooth
+        from customize.training.tracking import write_model_card
+
+        dreambooth.save(pipe, cfg, self.pipeline_dir)
+        write_clip_vocab_files(pipe.tokenizer, self.pipeline_dir / "tokenizer")
+        write_model_card(MODEL_CARD.format(
+            vae_steps=cfg.vae_train_steps, unet_steps=cfg.unet_train_steps, batch=cfg.train_batch_size,
+            n=cfg.num_train_images, held=len(world.HELD_OUT_COMBOS), subject=world.SUBJECT, style=world.STYLE,
+            dropout=round(100 * cfg.caption_dropout),
+        ), self.pipeline_dir)
+
+
+MODEL_CARD = """# Toy base model (customize)
+
+A Stable Diffusion 1.x-format pipeline (VAE, CLIP text encoder, CLIP tokenizer, UNet, DDIM scheduler) trained from
+scratch on the procedural toy world of `customize.toy.world` by `recipes/train_toy_base.py`: 32x32 images of one
+flat shape (circle, square, triangle; six colours; two sizes; five positions) on a flat background.
+
+- VAE: {vae_steps} steps on world scenes and generic clutter; text encoder + UNet: {unet_steps} steps of batch
+  {batch} on {n} captioned scenes (latents cached, {dropout}% empty captions for classifier-free guidance).
+- Never shown to the text encoder or UNet: the subject ({subject.colour} {subject.shape}, identifier
+  "{subject.identifier}", class word "{subject.class_word}"), the style ({style.name}, identifier
+  "{style.identifier}"), and {held} held-out (colour, shape, background) combinations.
+
+```python
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained("data/toy/base")
+image = pipe("a large red circle on a blue background", guidance_scale=4.0, num_inference_steps=25).images[0]
+```
+"""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Both stages
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ToyBaseResult:
+    pipeline_dir: str
+    seconds: dict[str, float]  # wall time per stage and in total
+    final_loss: dict[str, float]
+
+
+def train_toy_base(cfg: ToyBaseConfig) -> ToyBaseResult:
+    """Stage 1 (VAE) then stage 2 (text encoder + UNet), each a `customize.training.train` run in its own
+    sub-folder of `output_dir` (so each resumes from its own checkpoints); a finished stage 1 is reused."""
+    import time
+    from dataclasses import replace
+
+    from diffusers import AutoencoderKL
+
+    from customize.training import train
+    from customize.utils import seed_everything
+
+    out = Path(cfg.output_dir)
+    pipeline_dir = Path(cfg.pipeline_dir or out / "pipeline")
+    seconds, final = {}, {}
+    start = time.perf_counter()
+    seed_everything(cfg.seed)
+
+    vae_run = out / "stage1-vae"
+    if (vae_run / "vae" / "config.json").is_file():
+        vae = AutoencoderKL.from_pretrained(vae_run / "vae")
+    else:
+        vae = new_vae(cfg.seed)
+        vae_cfg = replace(cfg, output_dir=str(vae_run), max_train_steps=cfg.vae_train_steps,
+                          learning_rate=cfg.vae_learning_rate, train_batch_size=cfg.vae_batch_size)
+        data = ToyImages(cfg.num_train_images, cfg.data_seed, "train", cfg.clutter_fraction, cfg.vae_crop_size)
+        final["vae"] = train(VAEStage(), vae, data, vae_cfg).losses[-1]
+    vae.requires_grad_(False).eval()
+    seconds["vae"] = time.perf_counter() - start
+
+    tokenizer = toy_tokenizer(seed=cfg.data_seed)
+    pipe = new_pipeline(vae, tokenizer, cfg.seed)
+    unet_cfg = replace(cfg, output_dir=str(out / "stage2-unet"), max_train_steps=cfg.unet_train_steps,
+                       learning_rate=cfg.unet_learning_rate)
+    result = train(TextUNetStage(tokenizer, pipeline_dir), pipe, ToyImages(cfg.num_train_images, cfg.data_seed), unet_cfg)
+    final["unet"] = result.losses[-1]
+    seconds["total"] = time.perf_counter() - start
+    seconds["unet"] = seconds["total"] - seconds["vae"]
+    return ToyBaseResult(str(pipeline_dir), seconds, final)

@@ -1,0 +1,127 @@
+"""The customization methods run on the toy world: the shared recipes' building blocks (the methods' configs,
+`build_dataset`, `customize.training.train`) applied to the committed toy model and data, so the bench, the
+demo and the tests train exactly what a user's `recipes/train_dreambooth_lora.py` run would.
+
+Data in the checkout (written by `export_data`):
+    data/toy/base      the toy base model (recipes/train_toy_base.py)
+    data/toy/subject   5 images of the held-out subject (captions in metadata.jsonl)
+    data/toy/style     8 images in the held-out style, all of `world.STYLE.shapes` (captions in metadata.jsonl)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from customize.toy import quality, world
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "toy"
+BASE_DIR = DATA_DIR / "base"
+SUBJECT_DIR = DATA_DIR / "subject"
+STYLE_DIR = DATA_DIR / "style"
+NUM_SUBJECT_IMAGES = 5
+NUM_STYLE_IMAGES = 8
+
+
+def base_available(path: str | Path = BASE_DIR) -> bool:
+    return (Path(path) / "model_index.json").is_file()
+
+
+def export_data(folder: str | Path = DATA_DIR, seed: int = 0) -> None:
+    """Write the subject and style image folders (PNG + metadata.jsonl) that the recipes train on."""
+    folder = Path(folder)
+    world.export("subject", folder / "subject", NUM_SUBJECT_IMAGES, seed)
+    world.export("style", folder / "style", NUM_STYLE_IMAGES, seed)
+
+
+def load_base(path: str | Path = BASE_DIR):
+    from customize.models import load_pipeline
+
+    if not base_available(path):
+        raise FileNotFoundError(f"no toy base model in {path}: train one with recipes/train_toy_base.py "
+                                f"--pipeline_dir {path}")
+    return load_pipeline(str(path))
+
+
+@dataclass
+class Run:
+    """A trained pipeline (adapters attached) and what it cost."""
+
+    pipe: object
+    seconds: float
+    trained_parameters: int
+    output_dir: str
+    losses: list[float] = field(default_factory=list)
+
+
+def _run(method, cfg, base) -> Run:
+    from customize.training import train
+
+    start = time.perf_counter()
+    pipe = load_base(base)
+    dataset = method.build_dataset(pipe, cfg)
+    result = train(method, pipe, dataset, cfg)
+    seconds = time.perf_counter() - start
+    trained = sum(p.numel() for m in (pipe.unet, pipe.text_encoder) for p in m.parameters() if p.requires_grad)
+    for m in (pipe.unet, pipe.text_encoder):
+        m.eval()
+    return Run(pipe, seconds, trained, cfg.output_dir, list(result.losses))
+
+
+# Settings measured on the toy model (bench/toy_quality.py): a LoRA learns the subject in a few hundred steps.
+LORA_DEFAULTS = dict(rank=8, learning_rate=1e-3, max_train_steps=300, train_batch_size=4)
+FULL_DEFAULTS = dict(learning_rate=2e-4, max_train_steps=300, train_batch_size=4)
+
+
+def _subject_config(config_cls, output_dir, *, base, with_prior: bool, num_class_images: int, instance_dir,
+                    seed: int, progress: bool, **overrides):
+    subject = world.SUBJECT
+    return config_cls(
+        pretrained_model_name_or_path=str(base), instance_data_dir=str(instance_dir),
+        instance_prompt=subject.instance_prompt, use_captions=True,  # captions name the background the image shows
+        with_prior_preservation=with_prior, class_prompt=subject.class_prompt if with_prior else None,
+        class_data_dir=str(Path(output_dir) / "class_images") if with_prior else None,
+        num_class_images=num_class_images, sample_batch_size=32, class_inference_steps=quality.EVAL_STEPS,
+        resolution=world.IMAGE_SIZE, output_dir=str(output_dir), seed=seed, checkpointing_steps=0,
+        report_to="none", progress=progress, lr_warmup_steps=0, **overrides,
+    )
+
+
+def dreambooth_lora(output_dir, *, base=BASE_DIR, instance_dir=SUBJECT_DIR, with_prior: bool = False,
+                    num_class_images: int = 50, seed: int = 0, progress: bool = False, **overrides) -> Run:
+    """DreamBooth-LoRA on the held-out subject ("a sks shape"), optionally with prior preservation."""
+    from customize.methods import lora
+
+    settings = {**LORA_DEFAULTS, **overrides}
+    cfg = _subject_config(lora.LoRAConfig, output_dir, base=base, with_prior=with_prior,
+                          num_class_images=num_class_images, instance_dir=instance_dir, seed=seed, progress=progress,
+                          **settings)
+    return _run(lora, cfg, base)
+
+
+def dreambooth_full(output_dir, *, base=BASE_DIR, instance_dir=SUBJECT_DIR, with_prior: bool = False,
+                    num_class_images: int = 50, seed: int = 0, progress: bool = False, **overrides) -> Run:
+    """DreamBooth, full UNet fine-tune, on the held-out subject."""
+    from customize.methods import dreambooth
+
+    settings = {**FULL_DEFAULTS, **overrides}
+    cfg = _subject_config(dreambooth.DreamBoothConfig, output_dir, base=base, with_prior=with_prior,
+                          num_class_images=num_class_images, instance_dir=instance_dir, seed=seed, progress=progress,
+                          **settings)
+    return _run(dreambooth, cfg, base)
+
+
+def style_lora(output_dir, *, base=BASE_DIR, style_dir=STYLE_DIR, seed: int = 0, progress: bool = False,
+               **overrides) -> Run:
+    """A style LoRA on the held-out style's images, each with its own caption ("... in zwx style")."""
+    from customize.methods import lora
+
+    settings = {**LORA_DEFAULTS, **overrides}
+    cfg = lora.LoRAConfig(
+        pretrained_model_name_or_path=str(base), instance_data_dir=str(style_dir),
+        instance_prompt=f"a {world.SUBJECT.class_word} {world.STYLE.trigger}", use_captions=True,
+        resolution=world.IMAGE_SIZE, output_dir=str(output_dir), seed=seed, checkpointing_steps=0, report_to="none",
+        progress=progress, lr_warmup_steps=0, **settings,
+    )
+    return _run(lora, cfg, base)

@@ -1,0 +1,134 @@
+"""Scoring a model on the toy world: generate from prompts whose meaning is known, read the images with the
+probes, and reduce the readings to the measures of TOYWORLD.md.
+
+- prompt accuracy (base model): per attribute, the share of images whose probe reading matches the caption;
+- subject fidelity: the share of images of "a sks shape on a <bg> background" showing the subject (its shape AND
+  its colour); prompt fidelity: the share showing the background the prompt asked for;
+- class drift (language drift, DreamBooth sec. 4.3): the share of images of the bare class prompt ("a shape on a
+  <bg> background") that show the subject's shape or colour: ~0 for the base model, high once the class word
+  has been taken over by the subject;
+- style presence: the share of images, asked "in zwx style", that the stripe probe sees stripes in.
+
+Every image comes from its own seeded generator, so a score is a function of (model, prompts, seeds) only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from customize.toy import probes, world
+
+EVAL_GUIDANCE = 4.0  # classifier-free guidance scale used for every score
+EVAL_STEPS = 20  # DDIM steps
+BASE_ATTRIBUTES = ("colour", "shape", "background")
+
+
+@torch.no_grad()
+def sample(pipe, prompts: Sequence[str], seeds: Sequence[int] | None = None, guidance_scale: float = EVAL_GUIDANCE,
+           num_inference_steps: int = EVAL_STEPS, batch_size: int = 64) -> list[Image.Image]:
+    """One image per prompt, image i from a generator seeded with seeds[i] (default: i), so an image does not
+    depend on the batch it was generated in."""
+    prompts = list(prompts)
+    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
+    pipe.set_progress_bar_config(disable=True)
+    images: list[Image.Image] = []
+    for start in range(0, len(prompts), batch_size):
+        gens = [torch.Generator(pipe.device).manual_seed(s) for s in seeds[start:start + batch_size]]
+        images += pipe(prompts[start:start + batch_size], generator=gens, guidance_scale=guidance_scale,
+                       num_inference_steps=num_inference_steps).images
+    return images
+
+
+def attribute_accuracy(readings: Sequence[probes.Reading], expected: Sequence[dict],
+                       attributes: Sequence[str] = BASE_ATTRIBUTES) -> dict[str, float]:
+    """Per attribute, the share of readings equal to the expectation (expectations of None are skipped), plus
+    "all": the share with every listed attribute right."""
+    if len(readings) != len(expected):
+        raise ValueError(f"{len(readings)} readings for {len(expected)} expectations")
+    out = {}
+    for a in attributes:
+        pairs = [(getattr(r, a), e[a]) for r, e in zip(readings, expected) if e.get(a) is not None]
+        out[a] = sum(got == want for got, want in pairs) / len(pairs) if pairs else float("nan")
+    out["all"] = sum(
+        all(getattr(r, a) == e[a] for a in attributes if e.get(a) is not None) for r, e in zip(readings, expected)
+    ) / len(readings)
+    return out
+
+
+@dataclass
+class Scored:
+    """Images, their readings and the measures derived from them."""
+
+    images: list[Image.Image]
+    readings: list[probes.Reading]
+    scores: dict[str, float]
+
+
+def base_accuracy(pipe, n: int = 200, seed: int = 0, **gen) -> Scored:
+    """Prompt accuracy on `n` held-out captions (combinations never shown in training), one seed each."""
+    prompts = world.heldout_prompts(n, seed)
+    images = sample(pipe, [p for p, _ in prompts], seeds=[seed * 100_003 + i for i in range(n)], **gen)
+    readings = probes.read_all(images)
+    expected = [world.parse_caption(p) for p, _ in prompts]
+    return Scored(images, readings, attribute_accuracy(readings, expected, BASE_ATTRIBUTES + ("size", "position")))
+
+
+def subject_scores(pipe, seeds_per_prompt: int = 8, seed: int = 0, subject: world.Subject = world.SUBJECT,
+                   **gen) -> Scored:
+    """Subject fidelity and prompt fidelity on prompts that put the subject on backgrounds its instance images
+    never showed."""
+    cases = [(p, want) for p, want in world.subject_eval_prompts(subject) for _ in range(seeds_per_prompt)]
+    images = sample(pipe, [p for p, _ in cases], seeds=[seed + i for i in range(len(cases))], **gen)
+    readings = probes.read_all(images)
+    is_subject = [r.shape == subject.shape and r.colour == subject.colour for r in readings]
+    on_prompt = [r.background == want["background"] for r, (_, want) in zip(readings, cases)]
+    scores = {
+        "subject_fidelity": sum(is_subject) / len(cases),
+        "prompt_fidelity": sum(on_prompt) / len(cases),
+        "both": sum(a and b for a, b in zip(is_subject, on_prompt)) / len(cases),
+    }
+    return Scored(images, readings, scores)
+
+
+def class_prompts(n: int, subject: world.Subject = world.SUBJECT) -> list[str]:
+    """The bare class prompt on each base background in turn ("a shape on a red background", ...)."""
+    return [f"{subject.class_prompt} on a {world.BASE_COLOURS[i % len(world.BASE_COLOURS)]} background" for i in range(n)]
+
+
+def class_drift(pipe, n: int = 48, seed: int = 0, subject: world.Subject = world.SUBJECT, **gen) -> Scored:
+    """Language drift: the share of class-prompt images that show the subject's shape or colour. Also reports
+    how many distinct base shapes the class prompt still produces ("class_shapes")."""
+    images = sample(pipe, class_prompts(n, subject), seeds=[seed + 50_000 + i for i in range(n)], **gen)
+    readings = probes.read_all(images)
+    drifted = [r.shape == subject.shape or r.colour == subject.colour for r in readings]
+    shapes = {r.shape for r in readings if r.shape in world.BASE_SHAPES}
+    return Scored(images, readings, {"class_drift": sum(drifted) / n, "class_shapes": float(len(shapes))})
+
+
+def style_prompts(n: int, seed: int = 0, style: world.Style = world.STYLE) -> list[tuple[str, world.Scene]]:
+    """Prompts in the style's trigger for shapes the style images never showed."""
+    return [(style.prompt(s), s) for s in world.style_eval_scenes(n, seed, style)]
+
+
+def style_presence(pipe, n: int = 48, seed: int = 0, style: world.Style = world.STYLE, **gen) -> Scored:
+    """The share of images with stripes, and the share that also keep the asked shape ("style_shape")."""
+    cases = style_prompts(n, seed, style)
+    images = sample(pipe, [p for p, _ in cases], seeds=[seed + 70_000 + i for i in range(n)], **gen)
+    readings = probes.read_all(images)
+    present = [r.style for r in readings]
+    shaped = [r.style and r.shape == s.shape for r, (_, s) in zip(readings, cases)]
+    return Scored(images, readings, {"style_presence": sum(present) / n, "style_shape": sum(shaped) / n})
+
+
+def image_grid(images: Sequence[Image.Image], cols: int, scale: int = 1) -> Image.Image:
+    """Tile images row by row, each enlarged `scale` times with nearest-neighbour (the pixels are the point)."""
+    from customize.training.tracking import image_grid as tile
+
+    grid = tile(list(images), cols)
+    return grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST) if scale > 1 else grid
