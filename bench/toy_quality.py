@@ -1,0 +1,178 @@
+"""Toy-world quality: every customization method trained on the committed toy model and scored by the world's
+probes on held-out prompts and seeds, printed as one table (the measures of docs TOYWORLD.md).
+
+    python bench/toy_quality.py                       # every row
+    python bench/toy_quality.py --rows base,dreambooth-lora,dreambooth-lora+prior
+    customize bench toy_quality --list
+
+Columns (shares of generated images, probe-read; "-" where a row does not measure it):
+  colour / shape / background   prompt accuracy on 200 held-out captions (combinations never trained on)
+  subject / prompt              subject fidelity and prompt fidelity of "a sks shape on a <bg> background" for the
+                                backgrounds the 5 subject images never showed
+  drift                         class prompt ("a shape on a <bg> background") images showing the subject
+  style                         stripes present, asked "in zwx style" for shapes the style images never showed
+Rows are a registry: `@row("name")` on a function `(ctx) -> {column: value}`; a method added later (e.g.
+textual inversion) registers its row the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from customize.toy import experiments, quality
+
+COLUMNS = (
+    ("trained", "trained params"), ("seconds", "train s"), ("colour", "colour"), ("shape", "shape"),
+    ("background", "bg"), ("subject_fidelity", "subject"), ("prompt_fidelity", "prompt"), ("class_drift", "drift"),
+    ("style_presence", "style"),
+)
+
+
+@dataclass
+class Context:
+    output_dir: Path
+    base: Path = experiments.BASE_DIR
+    n_prompts: int = 200  # held-out captions for the base-accuracy columns
+    seeds_per_prompt: int = 8  # images per subject prompt (4 unseen backgrounds)
+    n_class: int = 48  # class-prompt images for the drift column
+    n_style: int = 48  # style prompts
+    seed: int = 0
+
+
+ROWS: dict[str, Callable[[Context], dict]] = {}
+
+
+def row(name: str):
+    def register(fn):
+        ROWS[name] = fn
+        return fn
+
+    return register
+
+
+def _generic_scores(pipe, ctx: Context, accuracy: bool = True) -> dict:
+    """Base-accuracy and drift columns: what a customization must not break."""
+    out = {}
+    if accuracy:
+        out.update(quality.base_accuracy(pipe, n=ctx.n_prompts, seed=ctx.seed).scores)
+    out.update(quality.class_drift(pipe, n=ctx.n_class, seed=ctx.seed).scores)
+    return out
+
+
+def _save_samples(name: str, scored: quality.Scored, ctx: Context, cols: int) -> None:
+    from customize.data.images import save_image_atomic
+
+    save_image_atomic(quality.image_grid(scored.images, cols, scale=4), ctx.output_dir / f"{name}.png")
+
+
+@row("base")
+def base_row(ctx: Context) -> dict:
+    pipe = experiments.load_base(ctx.base)
+    out = _generic_scores(pipe, ctx)
+    subject = quality.subject_scores(pipe, ctx.seeds_per_prompt, ctx.seed)
+    style = quality.style_presence(pipe, ctx.n_style, ctx.seed)
+    _save_samples("base_subject_prompts", subject, ctx, ctx.seeds_per_prompt)
+    return {**out, **subject.scores, **style.scores}
+
+
+def _subject_row(name: str, train: Callable, with_prior: bool, ctx: Context) -> dict:
+    run = train(ctx.output_dir / name, base=ctx.base, with_prior=with_prior, seed=ctx.seed)
+    subject = quality.subject_scores(run.pipe, ctx.seeds_per_prompt, ctx.seed)
+    _save_samples(name, subject, ctx, ctx.seeds_per_prompt)
+    return {"trained": run.trained_parameters, "seconds": run.seconds, **_generic_scores(run.pipe, ctx),
+            **subject.scores}
+
+
+@row("dreambooth-lora")
+def dreambooth_lora_row(ctx: Context) -> dict:
+    return _subject_row("dreambooth-lora", experiments.dreambooth_lora, False, ctx)
+
+
+@row("dreambooth-lora+prior")
+def dreambooth_lora_prior_row(ctx: Context) -> dict:
+    return _subject_row("dreambooth-lora+prior", experiments.dreambooth_lora, True, ctx)
+
+
+@row("dreambooth")
+def dreambooth_row(ctx: Context) -> dict:
+    return _subject_row("dreambooth", experiments.dreambooth_full, False, ctx)
+
+
+@row("dreambooth+prior")
+def dreambooth_prior_row(ctx: Context) -> dict:
+    return _subject_row("dreambooth+prior", experiments.dreambooth_full, True, ctx)
+
+
+@row("style-lora")
+def style_lora_row(ctx: Context) -> dict:
+    run = experiments.style_lora(ctx.output_dir / "style-lora", base=ctx.base, seed=ctx.seed)
+    style = quality.style_presence(run.pipe, ctx.n_style, ctx.seed)
+    _save_samples("style-lora", style, ctx, 8)
+    return {"trained": run.trained_parameters, "seconds": run.seconds, **_generic_scores(run.pipe, ctx),
+            **style.scores}
+
+
+def _cell(key: str, value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if key == "trained":
+        return f"{value / 1e6:.2f}M" if value >= 1e5 else f"{value / 1e3:.1f}k"
+    if key == "seconds":
+        return f"{value:.0f}"
+    return f"{value:.0%}"
+
+
+def format_table(results: dict[str, dict]) -> str:
+    header = ["method"] + [title for _, title in COLUMNS]
+    lines = [header] + [[name] + [_cell(k, r.get(k)) for k, _ in COLUMNS] for name, r in results.items()]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([fmt(lines[0]), "  ".join("-" * w for w in widths)] + [fmt(line) for line in lines[1:]])
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows (default: all)")
+    p.add_argument("--list", action="store_true", help="list the rows and exit")
+    p.add_argument("--output_dir", default="outputs/bench-toy-quality")
+    p.add_argument("--base", default=str(experiments.BASE_DIR))
+    p.add_argument("--n_prompts", type=int, default=Context.n_prompts)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.list:
+        print("\n".join(ROWS))
+        return 0
+    names = [n.strip() for n in a.rows.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        print(f"unknown row(s) {unknown}; choose from {', '.join(ROWS)}", file=sys.stderr)
+        return 2
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)  # tiny tensors: a second thread only adds spin-waiting on a busy machine
+    ctx = Context(output_dir=Path(a.output_dir), base=Path(a.base), n_prompts=a.n_prompts, seed=a.seed)
+    ctx.output_dir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in names:
+        start = time.perf_counter()
+        results[name] = ROWS[name](ctx)
+        print(f"[{name}: {time.perf_counter() - start:.0f} s]", file=sys.stderr)
+    print(format_table(results))
+    if "dreambooth-lora" in results and "dreambooth-lora+prior" in results:
+        without, with_ = results["dreambooth-lora"]["class_drift"], results["dreambooth-lora+prior"]["class_drift"]
+        print(f"\nprior preservation (LoRA): class drift {without:.0%} -> {with_:.0%}"
+              + (f" ({with_ / without:.2f}x)" if without else ""))
+    print(f"sample grids: {ctx.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
