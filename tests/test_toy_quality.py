@@ -1,0 +1,106 @@
+"""The committed toy base model and what the customization methods do to it, measured by the probes.
+
+Sizes are cut to keep this file near 5 minutes on a 2-core CPU (the full numbers come from
+bench/toy_quality.py): the base model is scored on the full 200 held-out captions, the LoRA runs use the
+default settings and fewer evaluation seeds."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from customize.toy import experiments, probes, quality, world
+
+pytestmark = pytest.mark.skipif(not experiments.base_available(), reason="no toy base model in data/toy/base")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors: a second thread only spins while the other core is busy.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base_pipe():
+    return experiments.load_base()
+
+
+def test_committed_model_is_small_and_loads_offline_in_plain_diffusers():
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    size = sum(f.stat().st_size for f in experiments.BASE_DIR.rglob("*") if f.is_file())
+    assert size < 20 * 2**20, f"data/toy/base is {size / 2**20:.1f} MB"
+    pipe = StableDiffusionPipeline.from_pretrained(experiments.BASE_DIR)
+    assert not any(f.suffix == ".bin" for f in experiments.BASE_DIR.rglob("*"))  # safetensors only
+    sched = pipe.scheduler.config
+    assert (sched.beta_schedule, sched.beta_start, sched.beta_end, sched.num_train_timesteps) == ("scaled_linear", 0.00085, 0.012, 1000)
+    tok = CLIPTokenizer.from_pretrained(experiments.BASE_DIR / "tokenizer")
+    assert tok.convert_ids_to_tokens(tok(world.SUBJECT.identifier).input_ids)[1:-1] == [f"{world.SUBJECT.identifier}</w>"]
+    image = pipe("a large red square on a blue background", num_inference_steps=10, guidance_scale=4.0,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (world.IMAGE_SIZE, world.IMAGE_SIZE)
+
+
+def test_base_model_draws_held_out_captions(base_pipe):
+    """Acceptance 1: colour, shape and background each >= 80% on 200 combinations never trained on."""
+    scores = quality.base_accuracy(base_pipe, n=200).scores
+    for attr in quality.BASE_ATTRIBUTES:
+        assert scores[attr] >= 0.8, scores
+    # and the base has never seen the subject: nothing subject-like comes out of the identifier or class word
+    assert quality.subject_scores(base_pipe, seeds_per_prompt=2).scores["subject_fidelity"] <= 0.1
+    assert quality.class_drift(base_pipe, n=24).scores["class_drift"] <= 0.1
+
+
+def test_probe_agrees_with_itself_on_a_generated_image(base_pipe):
+    """The probes give the same answer for the same generated image, and the mask they report is the shape."""
+    img = quality.sample(base_pipe, ["a large green circle in the center on a white background"], seeds=[3])[0]
+    a, b = probes.read(img), probes.read(np.asarray(img))
+    assert (a.shape, a.colour, a.background) == (b.shape, b.colour, b.background)
+    assert a.found and 0.1 < a.mask.mean() < 0.6
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy-lora")
+    return {prior: experiments.dreambooth_lora(out / f"prior-{prior}", with_prior=prior) for prior in (False, True)}
+
+
+def test_dreambooth_lora_learns_the_subject_on_unseen_backgrounds(lora_runs):
+    """Acceptance 2: subject fidelity and prompt fidelity >= 70% on backgrounds the 5 images never showed."""
+    run = lora_runs[False]
+    assert run.seconds < 300
+    scores = quality.subject_scores(run.pipe, seeds_per_prompt=4).scores
+    assert scores["subject_fidelity"] >= 0.7 and scores["prompt_fidelity"] >= 0.7, scores
+
+
+def test_prior_preservation_at_least_halves_class_drift(lora_runs):
+    """Acceptance 3: without prior preservation the class prompt drifts to the subject; with it, half as much."""
+    without = quality.class_drift(lora_runs[False].pipe, n=36).scores["class_drift"]
+    with_prior = quality.class_drift(lora_runs[True].pipe, n=36).scores["class_drift"]
+    assert without >= 0.3, without  # the drift is real, so halving it means something
+    assert with_prior <= without / 2, (without, with_prior)
+
+
+def test_style_lora_transfers_to_shapes_it_never_saw(tmp_path):
+    """Acceptance 4: stripes on >= 70% of images of shapes absent from the style images."""
+    run = experiments.style_lora(tmp_path / "style")
+    scores = quality.style_presence(run.pipe, n=24).scores
+    assert scores["style_presence"] >= 0.7, scores
+
+
+def test_demo_writes_its_grid(tmp_path, capsys):
+    from PIL import Image
+
+    from customize.toy import demo
+
+    assert demo.main(["--output_dir", str(tmp_path), "--steps", "20", "--samples", "2"]) == 0
+    grid = Image.open(tmp_path / "demo_grid.png")
+    cols = max(2, experiments.NUM_SUBJECT_IMAGES)
+    assert grid.size == (cols * world.IMAGE_SIZE * 4, (1 + 2 * len(demo.DEMO_BACKGROUNDS)) * world.IMAGE_SIZE * 4)
+    out = capsys.readouterr().out
+    assert "subject fidelity" in out and "base + LoRA" in out
