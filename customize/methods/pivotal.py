@@ -181,22 +181,3 @@ class PivotalTuning:
             "                            text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)\n```\n\n"
             f"then write `{cfg.placeholder_token}` where the prompt names the subject.\n"
         )
-
-
-
-def learn_toy_subject(pipe, instance_dir, output_dir, *, instance_prompt: str, identifier: str,
-                      initializer_token: str | None = None, seed: int = 0, max_train_steps: int = 400, **overrides):
-    """The pivotal-tuning row of the toy-world comparison (bench/toy_quality.py), with the signature of
-    `textual_inversion.learn_toy_subject`: new tokens for `identifier` plus a UNet LoRA, trained on the
-    instance prompt, in place on `pipe`. Returns `prompt_for(prompt) -> prompt` (identifier -> S*)."""
-    from customize.training import train
-
-    settings = dict(
-        output_dir=str(output_dir), seed=seed, max_train_steps=max_train_steps, instance_data_dir=str(instance_dir),
-        instance_prompt=instance_prompt, token_abstraction=identifier, placeholder_token=f"<{identifier}>",
-        initializer_token=initializer_token, resolution=None, train_batch_size=4, learning_rate=1e-3,
-        text_encoder_lr=5e-3, checkpointing_steps=0, report_to="none", progress=False,
-    )
-    cfg = PivotalConfig(**{**settings, **overrides})
-    train(PivotalTuning(), pipe, lora.build_dataset(pipe, cfg), cfg)
-    return lambda prompt: ti.replace_word(prompt, identifier, cfg.placeholder_token)

@@ -454,24 +454,3 @@ def model_card(cfg: TextualInversionConfig) -> str:
         f"write `{cfg.placeholder_token}` in the prompt.\n\n"
         f"| setting | value |\n|---|---|\n{rows}\n"
     )
-
-
-def learn_toy_subject(pipe, instance_dir, output_dir, *, instance_prompt: str, identifier: str, initializer_token: str,
-                      seed: int = 0, max_train_steps: int = 400, **overrides):
-    """The textual-inversion row of the toy-world comparison (bench/toy_quality.py): learn the subject of
-    `instance_dir` as a new word on `pipe` (in place), training on DreamBooth's instance prompt with
-    `identifier` swapped for S*, so both methods see the same prompts. Returns `prompt_for(prompt) -> prompt`,
-    which rewrites a benchmark prompt written with `identifier` for this model."""
-    from customize.training import train
-
-    placeholder = f"<{identifier}>"
-    settings = dict(
-        output_dir=str(output_dir), seed=seed, max_train_steps=max_train_steps, placeholder_token=placeholder,
-        initializer_token=initializer_token, caption_token=identifier, resolution=model_info(pipe).resolution,
-        train_batch_size=4, gradient_accumulation_steps=1, learning_rate=5e-3, scale_lr=False,
-        checkpointing_steps=0, report_to="none", progress=False,
-    )
-    cfg = TextualInversionConfig(**{**settings, **overrides})
-    dataset = ImageCaptionDataset.from_folder(instance_dir, cfg.resolution, prompt=instance_prompt, use_captions=False)
-    train(TextualInversion(), pipe, dataset, cfg)
-    return lambda prompt: replace_word(prompt, identifier, placeholder)

@@ -44,21 +44,29 @@ VAE_CONFIG = dict(
     down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
     sample_size=world.IMAGE_SIZE,
 )
-# Cross-attention at every level, as in SD: without it at 16x16 the background colour, decided in the coarse
-# levels, reaches the full-resolution latents too weakly and comes out as a blend. One head at 16x16 (256 tokens
-# of 16 channels) keeps that level's attention cheap.
+# Cross-attention at 8x8 and 4x4, where the layout and colours are decided; none at 16x16, where 256 tokens
+# would cost a third of the step (`--attention_at_full_res` puts it back, one head).
 UNET_CONFIG = dict(
     in_channels=4, out_channels=4, block_out_channels=(16, 32, 64), layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     attention_head_dim=(1, 4, 4),  # diffusers' name for the number of heads per level
     norm_num_groups=8,
 )
+UNET_FULL_RES_ATTENTION = dict(down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3)
 TEXT_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, hidden_act="gelu")
-# Stable Diffusion 1.x's noise schedule and DDIM settings (SPECS.md section 1).
+# Stable Diffusion 1.x's DDIM settings (SPECS.md section 1) with a noisier end of the schedule: SD's beta_end
+# 0.012 leaves sqrt(alpha_bar_T) = 0.068 of the image in x_T, and on 16x16 latents of flat colours that leak
+# (the latent mean) is as large as the noise's own mean (std 1/16), so a model trained on it takes the background
+# colour from the starting noise instead of the prompt (Lin et al. 2024, "Common diffusion noise schedules and
+# sample steps are flawed"). beta_end 0.02 leaves 0.016. `--zero_terminal_snr` (v-prediction, trailing
+# timesteps) removes the leak altogether.
 SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.02, beta_schedule="scaled_linear",
     clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
 )
+ZERO_TERMINAL_SNR = dict(beta_end=0.012, rescale_betas_zero_snr=True, prediction_type="v_prediction",
+                         timestep_spacing="trailing")
 
 
 @dataclass
@@ -83,6 +91,10 @@ class ToyBaseConfig(TrainConfig):
     caption_dropout: float = field(default=0.1, metadata={"help": "Share of empty captions (for classifier-free guidance)."})
     snr_gamma: float | None = field(default=5.0, metadata={"help": "min-SNR-gamma weighting of the denoising loss."})
     noise_offset: float = field(default=0.0, metadata={"help": "Noise offset scale (helps flat, saturated colours)."})
+    zero_terminal_snr: bool = field(default=False, metadata={
+        "help": "SD's betas rescaled to zero terminal SNR, v-prediction, trailing timesteps (Lin et al. 2024)."})
+    attention_at_full_res: bool = field(default=False, metadata={
+        "help": "Cross-attention at the 16x16 latent level too (one head): slower, as in SD's layout."})
     # Not a flag: the shared loss reads it, and the toy data has no prior-preservation (class) rows.
     prior_loss_weight = 0.0
     validation_guidance: float = 4.0
@@ -169,9 +181,10 @@ def new_vae(seed: int = 0):
     return AutoencoderKL(**VAE_CONFIG)
 
 
-def new_pipeline(vae, tokenizer=None, seed: int = 0):
+def new_pipeline(vae, tokenizer=None, seed: int = 0, zero_terminal_snr: bool = False,
+                 attention_at_full_res: bool = False):
     """A StableDiffusionPipeline around a trained `vae`: a fresh text encoder and UNet sized for its latents,
-    the toy tokenizer, SD's DDIM scheduler."""
+    the toy tokenizer, a DDIM scheduler (SCHEDULER_CONFIG, or ZERO_TERMINAL_SNR over it)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -188,10 +201,11 @@ def new_pipeline(vae, tokenizer=None, seed: int = 0):
     torch.manual_seed(seed + 1)
     unet = UNet2DConditionModel(
         sample_size=vae.config.sample_size // vae_scale_factor(vae), cross_attention_dim=text_cfg.hidden_size,
-        **UNET_CONFIG,
+        **{**UNET_CONFIG, **(UNET_FULL_RES_ATTENTION if attention_at_full_res else {})},
     )
+    scheduler = DDIMScheduler(**{**SCHEDULER_CONFIG, **(ZERO_TERMINAL_SNR if zero_terminal_snr else {})})
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
@@ -385,7 +399,7 @@ def train_toy_base(cfg: ToyBaseConfig) -> ToyBaseResult:
     seconds["vae"] = time.perf_counter() - start
 
     tokenizer = toy_tokenizer(seed=cfg.data_seed)
-    pipe = new_pipeline(vae, tokenizer, cfg.seed)
+    pipe = new_pipeline(vae, tokenizer, cfg.seed, cfg.zero_terminal_snr, cfg.attention_at_full_res)
     unet_cfg = replace(cfg, output_dir=str(out / "stage2-unet"), max_train_steps=cfg.unet_train_steps,
                        learning_rate=cfg.unet_learning_rate)
     result = train(TextUNetStage(tokenizer, pipeline_dir), pipe, ToyImages(cfg.num_train_images, cfg.data_seed), unet_cfg)

@@ -11,6 +11,7 @@ Data in the checkout (written by `export_data`):
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,20 +54,26 @@ class Run:
     trained_parameters: int
     output_dir: str
     losses: list[float] = field(default_factory=list)
+    # How a prompt written with the subject's identifier ("a sks shape ...") is asked of this model: the
+    # identity for DreamBooth, the identifier swapped for the learned word S* for textual inversion.
+    prompt_for: Callable[[str], str] = field(default=lambda prompt: prompt)
 
 
-def _run(method, cfg, base) -> Run:
+def _run(method, cfg, base, build_dataset=None, trained: int | None = None, prompt_for=None) -> Run:
+    """Load the base, build the method's dataset, train with the shared engine. `trained` overrides the count
+    of trainable parameters (textual inversion trains a few rows of a matrix that requires grad as a whole)."""
     from customize.training import train
 
     start = time.perf_counter()
     pipe = load_base(base)
-    dataset = method.build_dataset(pipe, cfg)
+    dataset = (build_dataset or method.build_dataset)(pipe, cfg)
     result = train(method, pipe, dataset, cfg)
     seconds = time.perf_counter() - start
-    trained = sum(p.numel() for m in (pipe.unet, pipe.text_encoder) for p in m.parameters() if p.requires_grad)
+    if trained is None:
+        trained = sum(p.numel() for m in (pipe.unet, pipe.text_encoder) for p in m.parameters() if p.requires_grad)
     for m in (pipe.unet, pipe.text_encoder):
         m.eval()
-    return Run(pipe, seconds, trained, cfg.output_dir, list(result.losses))
+    return Run(pipe, seconds, trained, cfg.output_dir, list(result.losses), prompt_for or (lambda prompt: prompt))
 
 
 # Settings measured on the toy model (bench/toy_quality.py): a LoRA learns the subject in a few hundred steps.
@@ -125,3 +132,58 @@ def style_lora(output_dir, *, base=BASE_DIR, style_dir=STYLE_DIR, seed: int = 0,
         progress=progress, lr_warmup_steps=0, **settings,
     )
     return _run(lora, cfg, base)
+
+
+# Textual inversion learns one word, so it gets a larger step size and more steps than a LoRA (the embedding is
+# 64 numbers); pivotal tuning uses the LoRA settings plus the embedding's step size.
+TI_DEFAULTS = dict(learning_rate=5e-3, max_train_steps=400, train_batch_size=4, num_vectors=1)
+PIVOTAL_DEFAULTS = dict(**LORA_DEFAULTS, text_encoder_lr=5e-3, num_new_tokens_per_abstraction=1)
+
+
+def _placeholder_prompts(identifier: str, placeholder: str) -> Callable[[str], str]:
+    from customize.methods.textual_inversion import replace_word
+
+    return lambda prompt: replace_word(prompt, identifier, placeholder)
+
+
+def textual_inversion(output_dir, *, base=BASE_DIR, instance_dir=SUBJECT_DIR, seed: int = 0, progress: bool = False,
+                      **overrides) -> Run:
+    """Textual inversion of the held-out subject: a new word S* = "<sks>" initialised from the class word, trained
+    on the same captions as DreamBooth ("a sks shape on a white background") with S* in the identifier's place."""
+    from customize.methods import textual_inversion as ti
+
+    subject = world.SUBJECT
+    settings = {**TI_DEFAULTS, **overrides}
+    placeholder = f"<{subject.identifier}>"
+    cfg = ti.TextualInversionConfig(
+        pretrained_model_name_or_path=str(base), train_data_dir=str(instance_dir), placeholder_token=placeholder,
+        initializer_token=subject.class_word, use_captions=True, caption_token=subject.identifier,
+        resolution=world.IMAGE_SIZE, output_dir=str(output_dir), seed=seed, checkpointing_steps=0,
+        report_to="none", progress=progress, lr_warmup_steps=0, scale_lr=False, gradient_accumulation_steps=1,
+        **settings,
+    )
+    run = _run(ti.TextualInversion(), cfg, base, build_dataset=ti.build_dataset,
+               prompt_for=_placeholder_prompts(subject.identifier, placeholder))
+    run.trained_parameters = cfg.num_vectors * run.pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    return run
+
+
+def pivotal(output_dir, *, base=BASE_DIR, instance_dir=SUBJECT_DIR, seed: int = 0, progress: bool = False,
+            **overrides) -> Run:
+    """Pivotal tuning of the held-out subject: a new word "<sks>" (initialised from the class word) and a UNet
+    LoRA trained together on DreamBooth's captions."""
+    from customize.methods import pivotal as pt
+
+    subject = world.SUBJECT
+    settings = {**PIVOTAL_DEFAULTS, **overrides}
+    placeholder = f"<{subject.identifier}>"
+    cfg = _subject_config(pt.PivotalConfig, output_dir, base=base, with_prior=False, num_class_images=0,
+                          instance_dir=instance_dir, seed=seed, progress=progress, token_abstraction=subject.identifier,
+                          placeholder_token=placeholder, initializer_token=subject.class_word, **settings)
+    from customize.methods import lora
+
+    run = _run(pt.PivotalTuning(), cfg, base, build_dataset=lora.build_dataset,
+               prompt_for=_placeholder_prompts(subject.identifier, placeholder))
+    # the LoRA (counted by _run) plus the new word's vectors, which live in rows of the frozen embedding matrix
+    run.trained_parameters += cfg.num_new_tokens_per_abstraction * run.pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    return run

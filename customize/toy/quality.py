@@ -80,11 +80,13 @@ def base_accuracy(pipe, n: int = 200, seed: int = 0, **gen) -> Scored:
 
 
 def subject_scores(pipe, seeds_per_prompt: int = 8, seed: int = 0, subject: world.Subject = world.SUBJECT,
-                   **gen) -> Scored:
+                   prompt_for=None, **gen) -> Scored:
     """Subject fidelity and prompt fidelity on prompts that put the subject on backgrounds its instance images
-    never showed."""
+    never showed. `prompt_for` rewrites each prompt for a model that names the subject differently (textual
+    inversion's S* instead of the identifier); the seeds stay the same."""
     cases = [(p, want) for p, want in world.subject_eval_prompts(subject) for _ in range(seeds_per_prompt)]
-    images = sample(pipe, [p for p, _ in cases], seeds=[seed + i for i in range(len(cases))], **gen)
+    prompts = [(prompt_for or (lambda q: q))(p) for p, _ in cases]
+    images = sample(pipe, prompts, seeds=[seed + i for i in range(len(cases))], **gen)
     readings = probes.read_all(images)
     is_subject = [r.shape == subject.shape and r.colour == subject.colour for r in readings]
     on_prompt = [r.background == want["background"] for r, (_, want) in zip(readings, cases)]
