@@ -90,13 +90,16 @@ def test_trainable_parameters_are_only_lora_and_targets_follow_the_option():
 
 
 @pytest.mark.parametrize(
-    "kind,train_text_encoder", [("sd", False), ("sd", True), ("sdxl", False), ("sdxl", True)],
-    ids=["sd-unet", "sd-unet+te", "sdxl-unet", "sdxl-unet+te"],
+    "kind,train_text_encoder,target",
+    [("sd", False, "attention"), ("sd", True, "attention"), ("sdxl", False, "attention"), ("sdxl", True, "attention"),
+     ("sd", False, "attention+conv")],
+    ids=["sd-unet", "sd-unet+te", "sdxl-unet", "sdxl-unet+te", "sd-unet-conv"],
 )
-def test_trained_lora_loads_in_plain_diffusers_with_the_same_image(tmp_path, kind, train_text_encoder):
+def test_trained_lora_loads_in_plain_diffusers_with_the_same_image(tmp_path, kind, train_text_encoder, target):
     """The recipe's steps (parse, load, dataset, train); then a fresh seeded pipeline + load_lora_weights gives the
     in-memory model's image, base weights are bitwise untouched, and fusing the LoRA changes nothing."""
-    cfg = parse_config(lora.LoRAConfig, _args(tmp_path, kind, *(["--train_text_encoder"] if train_text_encoder else [])))
+    extra = (["--train_text_encoder"] if train_text_encoder else []) + ["--lora_target", target]
+    cfg = parse_config(lora.LoRAConfig, _args(tmp_path, kind, *extra))
     pipe = load_pipeline(cfg.pretrained_model_name_or_path)
     frozen = {name: _snapshot(m) for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
     base_image = _image(pipe)

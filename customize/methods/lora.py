@@ -29,6 +29,9 @@ UNET_TARGETS = {
     "attention": ("to_q", "to_k", "to_v", "to_out.0"),
     # every linear layer of the transformer blocks: attention plus the GEGLU feed-forward
     "all-linear": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"),
+    # attention plus both 3x3 convolutions of every ResNet block (LoCon): reaches the levels without attention,
+    # where fine detail (thin arms, stripes) is drawn; peft adapts a Conv2d with a 3x3 A and a 1x1 B
+    "attention+conv": ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"),
 }
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 ADAPTER = "default"
@@ -40,7 +43,9 @@ class LoRAConfig(DreamBoothConfig):
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha; the update is scaled by alpha / r. Default: r."})
     lora_dropout: float = 0.0
     lora_target: str = field(
-        default="attention", metadata={"help": "UNet layers to adapt: 'attention' (to_q/k/v/out) or 'all-linear'."}
+        default="attention",
+        metadata={"help": "UNet layers to adapt: 'attention' (to_q/k/v/out), 'all-linear' (+ feed-forward) or "
+                          "'attention+conv' (+ the ResNet blocks' 3x3 convolutions)."}
     )
     learning_rate: float = 1e-4
     max_train_steps: int = 500
