@@ -103,12 +103,12 @@ def test_textual_inversion_cannot_draw_what_the_base_cannot(tmp_path, lora_runs)
 
 
 def test_style_lora_transfers_to_shapes_it_never_saw(tmp_path, base_pipe):
-    """Acceptance 4 (at test size): stripes appear on shapes absent from the style images, which the base model
+    """Acceptance 4: stripes on >= 70% of images of shapes absent from the style images, which the base model
     never draws striped."""
     assert quality.style_presence(base_pipe, n=24).scores["style_presence"] <= 0.1
     run = experiments.style_lora(tmp_path / "style")
     scores = quality.style_presence(run.pipe, n=24).scores
-    assert scores["style_presence"] >= 0.5, scores
+    assert scores["style_presence"] >= 0.7, scores
 
 
 def test_demo_writes_its_grid(tmp_path, capsys):
