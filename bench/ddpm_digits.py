@@ -226,23 +226,20 @@ class Scorer:
 
     def __init__(self, seed: int):
         from sklearn.decomposition import PCA
-        from sklearn.linear_model import LogisticRegression
+
+        from customize.demo import digit_classifier
 
         images, labels = load_digits_array()
         self.real = images.reshape(len(images), -1)  # (1797, 64)
         self.labels = labels
-
-        def classifier():
-            return LogisticRegression(C=10.0, max_iter=5000)
-
-        self.clf = classifier().fit(self.real / 16, labels)
+        self.clf = digit_classifier()
         self.pca = PCA(PCA_DIM, random_state=seed).fit(self.real)
         rng = np.random.RandomState(seed)
         perm = rng.permutation(len(self.real))
         half_a, half_b = perm[: len(perm) // 2], perm[len(perm) // 2 :]
         held_out = []
         for fit, score in ((half_a, half_b), (half_b, half_a)):
-            held_out.append(classifier().fit(self.real[fit] / 16, labels[fit]).predict_proba(self.real[score] / 16).max(1))
+            held_out.append(digit_classifier(fit).predict_proba(self.real[score] / 16).max(1))
         self.reference = {
             "confidence_real_heldout": float(np.concatenate(held_out).mean()),
             "confidence_uniform_noise": float(self.clf.predict_proba(rng.uniform(0, 1, (1000, 64))).max(1).mean()),

@@ -90,34 +90,18 @@ def _subject_row(name: str, train: Callable, ctx: Context, **options) -> dict:
             **subject.scores}
 
 
-@row("dreambooth-lora")
-def dreambooth_lora_row(ctx: Context) -> dict:
-    return _subject_row("dreambooth-lora", experiments.dreambooth_lora, ctx, with_prior=False)
-
-
-@row("dreambooth-lora+prior")
-def dreambooth_lora_prior_row(ctx: Context) -> dict:
-    return _subject_row("dreambooth-lora+prior", experiments.dreambooth_lora, ctx, with_prior=True)
-
-
-@row("dreambooth")
-def dreambooth_row(ctx: Context) -> dict:
-    return _subject_row("dreambooth", experiments.dreambooth_full, ctx, with_prior=False)
-
-
-@row("dreambooth+prior")
-def dreambooth_prior_row(ctx: Context) -> dict:
-    return _subject_row("dreambooth+prior", experiments.dreambooth_full, ctx, with_prior=True)
-
-
-@row("textual-inversion")
-def textual_inversion_row(ctx: Context) -> dict:
-    return _subject_row("textual-inversion", experiments.textual_inversion, ctx)
-
-
-@row("pivotal")
-def pivotal_row(ctx: Context) -> dict:
-    return _subject_row("pivotal", experiments.pivotal, ctx)
+# Subject rows: (name, runner in customize.toy.experiments, its options); same images, prompts and seeds.
+SUBJECT_ROWS = (
+    ("dreambooth-lora", "dreambooth_lora", {"with_prior": False}),
+    ("dreambooth-lora+prior", "dreambooth_lora", {"with_prior": True}),
+    ("dreambooth", "dreambooth_full", {"with_prior": False}),
+    ("dreambooth+prior", "dreambooth_full", {"with_prior": True}),
+    ("textual-inversion", "textual_inversion", {}),
+    ("pivotal", "pivotal", {}),
+)
+for _name, _runner, _options in SUBJECT_ROWS:
+    row(_name)(lambda ctx, name=_name, runner=_runner, options=_options:
+               _subject_row(name, getattr(experiments, runner), ctx, **options))
 
 
 @row("style-lora")

@@ -23,15 +23,19 @@ def toy_available() -> bool:
     return bool(getattr(toy_demo, "available", lambda: True)())
 
 
-def digit_classifier():
-    """Logistic regression on the 1,797 real 8x8 digits (scikit-learn): the judge of generated samples."""
+def digit_classifier(subset=None):
+    """Logistic regression on the 1,797 real 8x8 digits (scikit-learn), or on the rows `subset` of them: the judge
+    of generated samples. It takes digits flattened to 64 features and divided by 16."""
     from sklearn.linear_model import LogisticRegression
 
     from customize.data.folder import load_digits_array
 
     images, labels = load_digits_array()
+    features = images.reshape(len(images), -1) / 16  # (1797, 64)
+    if subset is not None:
+        features, labels = features[subset], labels[subset]
     # Pixels scaled to [0, 1] (the data set's range is 0..16): lbfgs then converges in a second, not twenty.
-    return LogisticRegression(C=10.0, max_iter=5000).fit(images.reshape(len(images), -1) / 16, labels)
+    return LogisticRegression(C=10.0, max_iter=5000).fit(features, labels)
 
 
 def digits_demo(argv: list[str]) -> int:

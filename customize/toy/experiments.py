@@ -59,9 +59,9 @@ class Run:
     prompt_for: Callable[[str], str] = field(default=lambda prompt: prompt)
 
 
-def _run(method, cfg, base, build_dataset=None, trained: int | None = None, prompt_for=None) -> Run:
-    """Load the base, build the method's dataset, train with the shared engine. `trained` overrides the count
-    of trainable parameters (textual inversion trains a few rows of a matrix that requires grad as a whole)."""
+def _run(method, cfg, base, build_dataset=None, prompt_for=None) -> Run:
+    """Load the base, build the method's dataset, train with the shared engine; `trained_parameters` counts the
+    parameters that require grad in the UNet and text encoder."""
     from customize.training import train
 
     start = time.perf_counter()
@@ -69,8 +69,7 @@ def _run(method, cfg, base, build_dataset=None, trained: int | None = None, prom
     dataset = (build_dataset or method.build_dataset)(pipe, cfg)
     result = train(method, pipe, dataset, cfg)
     seconds = time.perf_counter() - start
-    if trained is None:
-        trained = sum(p.numel() for m in (pipe.unet, pipe.text_encoder) for p in m.parameters() if p.requires_grad)
+    trained = sum(p.numel() for m in (pipe.unet, pipe.text_encoder) for p in m.parameters() if p.requires_grad)
     for m in (pipe.unet, pipe.text_encoder):
         m.eval()
     return Run(pipe, seconds, trained, cfg.output_dir, list(result.losses), prompt_for or (lambda prompt: prompt))
@@ -100,16 +99,21 @@ def _subject_config(config_cls, output_dir, *, base, with_prior: bool, num_class
     )
 
 
+def _dreambooth(method, config_cls, defaults: dict, output_dir, *, base, instance_dir, with_prior: bool,
+                num_class_images: int, seed: int, progress: bool, overrides: dict) -> Run:
+    cfg = _subject_config(config_cls, output_dir, base=base, with_prior=with_prior, num_class_images=num_class_images,
+                          instance_dir=instance_dir, seed=seed, progress=progress, **{**defaults, **overrides})
+    return _run(method, cfg, base)
+
+
 def dreambooth_lora(output_dir, *, base=BASE_DIR, instance_dir=SUBJECT_DIR, with_prior: bool = False,
                     num_class_images: int = 50, seed: int = 0, progress: bool = False, **overrides) -> Run:
     """DreamBooth-LoRA on the held-out subject ("a sks shape"), optionally with prior preservation."""
     from customize.methods import lora
 
-    settings = {**LORA_DEFAULTS, **overrides}
-    cfg = _subject_config(lora.LoRAConfig, output_dir, base=base, with_prior=with_prior,
-                          num_class_images=num_class_images, instance_dir=instance_dir, seed=seed, progress=progress,
-                          **settings)
-    return _run(lora, cfg, base)
+    return _dreambooth(lora, lora.LoRAConfig, LORA_DEFAULTS, output_dir, base=base, instance_dir=instance_dir,
+                       with_prior=with_prior, num_class_images=num_class_images, seed=seed, progress=progress,
+                       overrides=overrides)
 
 
 def dreambooth_full(output_dir, *, base=BASE_DIR, instance_dir=SUBJECT_DIR, with_prior: bool = False,
@@ -117,11 +121,9 @@ def dreambooth_full(output_dir, *, base=BASE_DIR, instance_dir=SUBJECT_DIR, with
     """DreamBooth, full UNet fine-tune, on the held-out subject."""
     from customize.methods import dreambooth
 
-    settings = {**FULL_DEFAULTS, **overrides}
-    cfg = _subject_config(dreambooth.DreamBoothConfig, output_dir, base=base, with_prior=with_prior,
-                          num_class_images=num_class_images, instance_dir=instance_dir, seed=seed, progress=progress,
-                          **settings)
-    return _run(dreambooth, cfg, base)
+    return _dreambooth(dreambooth, dreambooth.DreamBoothConfig, FULL_DEFAULTS, output_dir, base=base,
+                       instance_dir=instance_dir, with_prior=with_prior, num_class_images=num_class_images, seed=seed,
+                       progress=progress, overrides=overrides)
 
 
 # A texture over 8 images takes longer than a subject: stripes on unseen shapes 62% after 600 steps, 90% after 1000
@@ -150,6 +152,11 @@ TI_DEFAULTS = dict(learning_rate=5e-3, max_train_steps=400, train_batch_size=4, 
 PIVOTAL_DEFAULTS = dict(**LORA_DEFAULTS, text_encoder_lr=5e-3, num_new_tokens_per_abstraction=1)
 
 
+def _word_vectors(pipe, num_vectors: int) -> int:
+    """Numbers in `num_vectors` rows of the token-embedding matrix (a new word's trained parameters)."""
+    return num_vectors * pipe.text_encoder.get_input_embeddings().weight.shape[1]
+
+
 def _placeholder_prompts(identifier: str, placeholder: str) -> Callable[[str], str]:
     from customize.methods.textual_inversion import replace_word
 
@@ -174,7 +181,7 @@ def textual_inversion(output_dir, *, base=BASE_DIR, instance_dir=SUBJECT_DIR, se
     )
     run = _run(ti.TextualInversion(), cfg, base, build_dataset=ti.build_dataset,
                prompt_for=_placeholder_prompts(subject.identifier, placeholder))
-    run.trained_parameters = cfg.num_vectors * run.pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    run.trained_parameters = _word_vectors(run.pipe, cfg.num_vectors)  # not the whole matrix that requires grad
     return run
 
 
@@ -195,5 +202,5 @@ def pivotal(output_dir, *, base=BASE_DIR, instance_dir=SUBJECT_DIR, seed: int = 
     run = _run(pt.PivotalTuning(), cfg, base, build_dataset=lora.build_dataset,
                prompt_for=_placeholder_prompts(subject.identifier, placeholder))
     # the LoRA (counted by _run) plus the new word's vectors, which live in rows of the frozen embedding matrix
-    run.trained_parameters += cfg.num_new_tokens_per_abstraction * run.pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    run.trained_parameters += _word_vectors(run.pipe, cfg.num_new_tokens_per_abstraction)
     return run
