@@ -32,6 +32,8 @@ UNET_TARGETS = {
     # attention plus both 3x3 convolutions of every ResNet block (LoCon): reaches the levels without attention,
     # where fine detail (thin arms, stripes) is drawn; peft adapts a Conv2d with a 3x3 A and a 1x1 B
     "attention+conv": ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"),
+    # only the keys and values of cross-attention (Custom Diffusion, Kumari et al. 2023)
+    "cross-kv": ("attn2.to_k", "attn2.to_v"),
 }
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 ADAPTER = "default"
@@ -113,14 +115,17 @@ def prepare(pipe, dataset, cfg: LoRAConfig, accelerator):
 
 
 def lora_state(pipe, cfg: LoRAConfig) -> dict:
-    """The keyword arguments of `<PipelineClass>.save_lora_weights`: per component the LoRA tensors in diffusers
-    layout and the peft config as metadata (rank, alpha, targets)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The keyword arguments of `<PipelineClass>.save_lora_weights`: per component the LoRA tensors in peft
+    layout (`<module>.lora_A.weight` / `.lora_B.weight`) and the peft config as metadata (rank, alpha, targets).
+
+    Not diffusers' older `lora.down` layout: `convert_state_dict_to_diffusers` renames only the attention and
+    text-encoder projections, so a file with ResNet convolutions too ('attention+conv') would mix both layouts,
+    and `load_lora_weights` decides the layout from the first key alone and silently drops the other half."""
     from peft.utils import get_peft_model_state_dict
 
     kwargs = {}
     for name, module in adapted_modules(pipe, cfg).items():
-        kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(module, adapter_name=ADAPTER))
+        kwargs[f"{name}_lora_layers"] = get_peft_model_state_dict(module, adapter_name=ADAPTER)
         kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config[ADAPTER].to_dict()
     return kwargs
 
