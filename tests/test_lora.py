@@ -91,6 +91,12 @@ def test_trainable_parameters_are_only_lora_and_targets_follow_the_option():
     names = {n for n, p in attention_only.unet.named_parameters() if p.requires_grad}
     assert names and not any(".ff." in n for n in names)
 
+    kv = tiny_pipeline("sd")
+    lora.trainable_parameters(kv, lora.LoRAConfig(pretrained_model_name_or_path="tiny-sd", lora_target="cross-kv"))
+    layers = {n.split(".lora_")[0] for n, p in kv.unet.named_parameters() if p.requires_grad}
+    assert layers and all(n.endswith(("attn2.to_k", "attn2.to_v")) for n in layers)
+    assert len(layers) == 2 * sum(1 for n, _ in kv.unet.named_modules() if n.endswith("attn2"))
+
 
 def _lora_tensors(module) -> dict[str, torch.Tensor]:
     """{"<module>.lora_A" / "<module>.lora_B": weight} whatever the adapter is called ("default", "default_0")."""

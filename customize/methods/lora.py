@@ -46,8 +46,9 @@ class LoRAConfig(DreamBoothConfig):
     lora_dropout: float = 0.0
     lora_target: str = field(
         default="attention",
-        metadata={"help": "UNet layers to adapt: 'attention' (to_q/k/v/out), 'all-linear' (+ feed-forward) or "
-                          "'attention+conv' (+ the ResNet blocks' 3x3 convolutions)."}
+        metadata={"help": "UNet layers to adapt: 'attention' (to_q/k/v/out), 'all-linear' (+ feed-forward), "
+                          "'attention+conv' (+ the ResNet blocks' 3x3 convolutions) or 'cross-kv' (the keys and "
+                          "values of cross-attention only, as Custom Diffusion)."}
     )
     learning_rate: float = 1e-4
     max_train_steps: int = 500
