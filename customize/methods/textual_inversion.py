@@ -23,7 +23,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+
 import torch
 from torch.utils.data import Dataset
 
@@ -124,8 +124,6 @@ class TextualInversionConfig(TrainConfig):
     scale_lr: bool = True
     gradient_accumulation_steps: int = 4
     max_train_steps: int = 3000
-    # Textual inversion has no class images; the shared loss (sd.batch_loss) reads the weight all the same.
-    prior_loss_weight: ClassVar[float] = 1.0
 
     def __post_init__(self):
         super().__post_init__()

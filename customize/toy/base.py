@@ -98,8 +98,6 @@ class ToyBaseConfig(TrainConfig):
                 "false: SD 1.x's epsilon schedule as is (the background colour then follows the noise, not the prompt)."})
     attention_at_full_res: bool = field(default=False, metadata={
         "help": "Cross-attention at the 16x16 latent level too (one head): slower, as in SD's layout."})
-    # Not a flag: the shared loss reads it, and the toy data has no prior-preservation (class) rows.
-    prior_loss_weight = 0.0
     validation_guidance: float = 4.0
     validation_inference_steps: int = 25
     train_batch_size: int = 64

@@ -146,14 +146,16 @@ def batch_loss(pipe, batch: dict, cfg, generator: torch.Generator | None = None)
     ids = None
     if "text_embeds" in cond:
         ids = time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"], latents.device, latents.dtype)
+    num_prior = int(batch.get("num_prior", 0))
     return diffusion_loss(
         training_scheduler(pipe),
         latents,
         lambda x_t, t: unet_predict(unet, x_t, t, cond, ids),
         noise_offset=cfg.noise_offset,
         snr_gamma=cfg.snr_gamma,
-        num_prior=int(batch.get("num_prior", 0)),
-        prior_loss_weight=cfg.prior_loss_weight,
+        num_prior=num_prior,
+        # only a config with class images (DreamBooth's) has the weight; it is never read without class rows
+        prior_loss_weight=cfg.prior_loss_weight if num_prior else 0.0,
         generator=generator,
     )
 
