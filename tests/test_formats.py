@@ -443,3 +443,42 @@ def test_diffusers_embedding_layout_accepts_a_folder_with_a_dot_in_its_name(tmp_
     assert torch.equal(read_embedding(tmp_path / "sd1.5-cat").vectors["text_encoder"], vec)
     with pytest.raises(ValueError, match="folder"):
         save_embedding(tmp_path / "cat.safetensors", "<cat>", vec)
+
+
+def test_a_file_mixing_both_diffusers_layouts_loads_whole(tmp_path):
+    """diffusers' own writer renames attention keys to lora.down but leaves ResNet convolutions as lora_A; on a UNet
+    whose first level has no attention (the toy model) load_lora_weights then keeps only the convolutions.
+    load_lora_files loads every layer."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import get_peft_model_state_dict
+
+    from customize.methods import lora
+    from customize.models import load_pipeline
+    from customize.toy.experiments import BASE_DIR
+
+    trained = load_pipeline(str(BASE_DIR))
+    cfg = lora.LoRAConfig(pretrained_model_name_or_path=str(BASE_DIR), lora_target="attention+conv", rank=2)
+    lora.trainable_parameters(trained, cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in trained.unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    type(trained).save_lora_weights(
+        tmp_path, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(trained.unet)),
+        unet_lora_adapter_metadata=trained.unet.peft_config["default"].to_dict(),
+    )
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    assert lora_mod._mixed_layouts(path)
+    want = {k: layer.delta() for k, layer in lora_state_from_model(trained).layers.items()}
+
+    plain = load_pipeline(str(BASE_DIR))
+    plain.load_lora_weights(str(path))
+    assert len(lora_state_from_model(plain).layers) < len(want)  # the failure this guards against
+
+    ours = load_pipeline(str(BASE_DIR))
+    load_lora_files(ours, [(path, 1.0)])
+    got = {k: layer.delta() for k, layer in lora_state_from_model(ours).layers.items()}
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)

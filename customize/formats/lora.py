@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -633,17 +634,37 @@ def check_lora_compatible(pipe, lora: str | os.PathLike | LoraState, name: str |
     return state
 
 
+def _mixed_layouts(path: Path) -> bool:
+    """Whether a diffusers-style file names some layers the peft way (lora_A / lora_B) and others the older
+    diffusers way (lora.down / lora_linear_layer.down), as `convert_state_dict_to_diffusers` leaves a LoRA whose
+    targets it has no rename for (ResNet convolutions)."""
+    if path.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+    kinds = {kind for k in keys for suffix, (kind, _) in _DIFFUSERS_SUFFIXES.items() if k.endswith(suffix)}
+    return len(kinds) > 1
+
+
 def load_lora_files(pipe, specs: list[tuple[str | os.PathLike, float]], prefix: str = "lora") -> list[str]:
     """Load LoRA files as adapters `<prefix>_<i>` (the first free names) with their weights, through diffusers'
     `load_lora_weights` + `set_adapters`; returns the adapter names. Every file is checked first, so a bad one
     loads nothing. Adapters loaded before stay loaded but inactive (set_adapters activates only these)."""
-    for path, _ in specs:
-        check_lora_compatible(pipe, path)
+    states = [check_lora_compatible(pipe, path) for path, _ in specs]
     taken = {a for names in pipe.get_list_adapters().values() for a in names}
     free = (f"{prefix}_{i}" for i in range(len(taken) + len(specs) + 1) if f"{prefix}_{i}" not in taken)
     names = []
-    for (path, _), name in zip(specs, free):
-        pipe.load_lora_weights(str(_weights_file(path)), adapter_name=name)
+    for (path, _), state, name in zip(specs, states, free):
+        file = _weights_file(path)
+        if _mixed_layouts(file):
+            # diffusers reads the layout of a file from its first key and drops the keys of the other one, so
+            # such a file is rewritten in one layout (peft's) first
+            with tempfile.TemporaryDirectory(prefix="customize-lora-") as tmp:
+                pipe.load_lora_weights(str(save_lora(state, tmp, "peft")), adapter_name=name)
+        else:
+            pipe.load_lora_weights(str(file), adapter_name=name)
         names.append(name)
     if names:
         pipe.set_adapters(names, adapter_weights=[float(w) for _, w in specs])
