@@ -190,6 +190,15 @@ def test_dreambooth_pairs_and_collate(tmp_path):
     with pytest.raises(ValueError, match="class prompt"):
         dreambooth_dataset(inst, "sks", 16, class_data_dir=cls)
 
+    # captioned class images (kohya's regularization folders): with use_captions a .txt beside a class image is its
+    # prompt, the others keep the class prompt; without, every class image gets the class prompt
+    (cls / "c1.txt").write_text("a photo of dog on a beach")
+    captioned = dreambooth_dataset(inst, "a photo of sks dog", 16, class_data_dir=cls, class_prompt="a photo of dog",
+                                   use_captions=True)
+    assert [captioned.class_data.prompt(i) for i in range(2)] == ["a photo of dog", "a photo of dog on a beach"]
+    plain = dreambooth_dataset(inst, "a photo of sks dog", 16, class_data_dir=cls, class_prompt="a photo of dog")
+    assert plain.class_data.prompt(1) == "a photo of dog"
+
 
 def test_datasets_library_source(tmp_path):
     import datasets

@@ -157,7 +157,8 @@ def dreambooth_dataset(instance_data_dir, instance_prompt: str, resolution, *, c
                        class_prompt: str | None = None, center_crop: bool = False, random_flip: bool = False,
                        use_captions: bool = False, caption_column: str | None = None) -> PairedDataset:
     """Instance images (prompt: `instance_prompt`, or their own captions with `use_captions`) paired with class
-    images (prompt: `class_prompt`) when `class_data_dir` is given."""
+    images when `class_data_dir` is given (prompt: `class_prompt`, or with `use_captions` the caption a class image
+    has in the folder's metadata.jsonl or .txt sidecar: kohya's captioned regularization images)."""
     instance = ImageCaptionDataset.from_folder(
         instance_data_dir, resolution, center_crop=center_crop, random_flip=random_flip, prompt=instance_prompt,
         caption_column=caption_column, use_captions=use_captions,
@@ -168,7 +169,7 @@ def dreambooth_dataset(instance_data_dir, instance_prompt: str, resolution, *, c
             raise ValueError("class images need a class prompt (e.g. --class_prompt 'a photo of dog')")
         class_data = ImageCaptionDataset.from_folder(
             class_data_dir, resolution, center_crop=center_crop, random_flip=random_flip, prompt=class_prompt,
-            use_captions=False,
+            use_captions=use_captions,
         )
     return PairedDataset(instance, class_data)
 

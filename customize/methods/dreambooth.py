@@ -49,7 +49,8 @@ class DreamBoothConfig(TrainConfig):
     center_crop: bool = False
     random_flip: bool = False
     use_captions: bool = field(
-        default=False, metadata={"help": "Use per-image captions (metadata.jsonl or .txt sidecars) instead of instance_prompt."}
+        default=False, metadata={"help": "Use per-image captions (metadata.jsonl or .txt sidecars) instead of "
+                                         "instance_prompt; class images with a caption use it instead of class_prompt."}
     )
     caption_column: str | None = field(default=None, metadata={"help": "Caption column of metadata.jsonl."})
     train_text_encoder: bool = field(default=False, metadata={"help": "Also train the text encoder(s)."})
