@@ -122,3 +122,21 @@ def test_demo_writes_its_grid(tmp_path, capsys):
     assert grid.size == (cols * world.IMAGE_SIZE * 4, (1 + 2 * len(demo.DEMO_BACKGROUNDS)) * world.IMAGE_SIZE * 4)
     out = capsys.readouterr().out
     assert "subject fidelity" in out and "base + LoRA" in out
+
+
+def test_captioned_class_images_name_their_background_and_resume(tmp_path):
+    folder = experiments.captioned_class_images(tmp_path / "class", ("red", "blue"), 3)
+    captions = [(folder / f"class-{i:05d}.txt").read_text() for i in range(3)]
+    assert captions == ["a shape on a red background", "a shape on a blue background", "a shape on a red background"]
+    from PIL import Image
+
+    readings = probes.read_all([Image.open(folder / f"class-{i:05d}.png").convert("RGB") for i in range(3)])
+    assert [r.background for r in readings] == ["red", "blue", "red"]  # the base draws what the caption says
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    experiments.captioned_class_images(folder, ("red", "blue"), 3)  # everything present: nothing rewritten
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
+    from customize.data import dreambooth_dataset
+
+    ds = dreambooth_dataset(experiments.SUBJECT_DIR, "a sks shape", world.IMAGE_SIZE, class_data_dir=folder,
+                            class_prompt="a shape", use_captions=True)
+    assert [ds.class_data.prompt(i) for i in range(3)] == captions

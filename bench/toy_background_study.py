@@ -1,0 +1,84 @@
+"""Why the toy DreamBooth-LoRA subject keeps its instance backgrounds (issue 4, point 2): a few variants of the
+LoRA run, each scored on the backgrounds the 5 subject images showed (white, yellow) and on the ones they never
+showed, with and without prior preservation.
+
+    python bench/toy_background_study.py                    # every variant (about 12 minutes, 1 thread)
+    python bench/toy_background_study.py --variants defaults,prior-all-backgrounds
+
+Columns (shares of generated images, probe-read, 8 seeds per background):
+  seen subject    subject drawn for "a sks shape on a <bg> background", bg in the instance backgrounds
+  unseen subject  the same for the other backgrounds; unseen prompt: the background asked for is drawn
+  class subject   the subject drawn for the class prompt "a shape on a white background" (the identifier unused)
+The figure that decides point 2 is unseen subject and unseen prompt together (both >= 70% wanted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from customize.toy import experiments, probes, quality, world
+
+ALL = world.BASE_COLOURS
+SEEN = world.SUBJECT.instance_backgrounds
+# name: (options of experiments.dreambooth_lora)
+VARIANTS = {
+    "defaults": {},
+    "prior-all-backgrounds": {"with_prior": True, "class_backgrounds": ALL},
+    "prior-seen-backgrounds": {"with_prior": True, "class_backgrounds": SEEN},
+    "all-linear": {"lora_target": "all-linear", "max_train_steps": 1000},
+    "all-linear+prior-all-backgrounds": {"lora_target": "all-linear", "max_train_steps": 1000, "with_prior": True,
+                                         "class_backgrounds": ALL},
+}
+
+
+def _is_subject(reading: probes.Reading) -> bool:
+    return reading.shape == world.SUBJECT.shape and reading.colour == world.SUBJECT.colour
+
+
+def score(pipe, seeds_per_prompt: int = 8, seed: int = 0) -> dict[str, float]:
+    cases = [(world.SUBJECT.prompt(bg), bg) for bg in ALL for _ in range(seeds_per_prompt)]
+    cases += [(f"{world.SUBJECT.class_prompt} on a white background", None)] * 16
+    images = quality.sample(pipe, [prompt for prompt, _ in cases], seeds=[seed + i for i in range(len(cases))])
+    rows = [(_is_subject(r), r.background == bg, bg) for r, (_, bg) in zip(probes.read_all(images), cases)]
+
+    def share(keep, column):
+        cells = [row[column] for row in rows if keep(row[2])]
+        return sum(cells) / len(cells)
+
+    unseen = lambda bg: bg is not None and bg not in SEEN  # noqa: E731
+    return {"seen subject": share(lambda bg: bg in SEEN, 0), "unseen subject": share(unseen, 0),
+            "unseen prompt": share(unseen, 1), "class subject": share(lambda bg: bg is None, 0)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    p.add_argument("--output_dir", default="outputs/bench-toy-background-study")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    names = [n.strip() for n in a.variants.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        print(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+    columns = ("seen subject", "unseen subject", "unseen prompt", "class subject")
+    print(f"{'variant':<34}" + "".join(f"{c:>16}" for c in columns) + f"{'train s':>9}")
+    for name in names:
+        start = time.perf_counter()
+        run = experiments.dreambooth_lora(Path(a.output_dir) / name, seed=a.seed, **VARIANTS[name])
+        scores = score(run.pipe, seed=a.seed)
+        print(f"{name:<34}" + "".join(f"{scores[c]:>16.0%}" for c in columns) + f"{run.seconds:>9.0f}", flush=True)
+        print(f"[{name}: {time.perf_counter() - start:.0f} s]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
