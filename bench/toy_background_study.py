@@ -15,11 +15,11 @@ The figure that decides point 2 is unseen subject and unseen prompt together (bo
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
+from customize.bench import pick, single_thread_unless_set
 from customize.toy import experiments, probes, quality, world
 
 ALL = world.BASE_COLOURS
@@ -55,20 +55,13 @@ def score(pipe, seeds_per_prompt: int = 8, seed: int = 0) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
     p.add_argument("--output_dir", default="outputs/bench-toy-background-study")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    names = [n.strip() for n in a.variants.split(",") if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        print(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
-        return 2
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)
+    names = pick(a.variants, VARIANTS, "variant")
+    single_thread_unless_set()
     columns = ("seen subject", "unseen subject", "unseen prompt", "class subject")
     print(f"{'variant':<34}" + "".join(f"{c:>16}" for c in columns) + f"{'train s':>9}")
     for name in names:

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from customize.bench import pick, single_thread_unless_set
 from customize.toy import experiments, quality
 
 COLUMNS = (
@@ -149,8 +149,6 @@ def paper_ordering(results: dict[str, dict]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows (default: all)")
     p.add_argument("--list", action="store_true", help="list the rows and exit")
@@ -162,13 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.list:
         print("\n".join(ROWS))
         return 0
-    names = [n.strip() for n in a.rows.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ROWS]
-    if unknown:
-        print(f"unknown row(s) {unknown}; choose from {', '.join(ROWS)}", file=sys.stderr)
-        return 2
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)  # tiny tensors: a second thread only adds spin-waiting on a busy machine
+    names = pick(a.rows, ROWS, "row")
+    single_thread_unless_set()
     ctx = Context(output_dir=Path(a.output_dir), base=Path(a.base), n_prompts=a.n_prompts, seed=a.seed)
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     results = {}

@@ -20,6 +20,28 @@ def available() -> list[str]:
     return sorted(p.stem for p in d.glob("*.py") if not p.name.startswith("_")) if d else []
 
 
+def pick(selection: str, known, what: str = "row") -> list[str]:
+    """The names of a comma-separated `selection`, in its order, each one of `known`; an unknown one ends the
+    script with exit status 2 and a message listing the choices."""
+    names = [n.strip() for n in selection.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        print(f"unknown {what}(s) {unknown}; choose from {', '.join(known)}", file=sys.stderr)
+        raise SystemExit(2)
+    return names
+
+
+def single_thread_unless_set() -> None:
+    """One torch thread unless OMP_NUM_THREADS says otherwise: on the toy models' tiny tensors a second thread
+    only adds spin-waiting on a busy machine."""
+    import os
+
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+
+
 def main(argv: list[str]) -> int:
     names = available()
     if not argv or argv[0] in ("-h", "--help"):
