@@ -35,15 +35,11 @@ VARIANTS = {
 }
 
 
-def _is_subject(reading: probes.Reading) -> bool:
-    return reading.shape == world.SUBJECT.shape and reading.colour == world.SUBJECT.colour
-
-
 def score(pipe, seeds_per_prompt: int = 8, seed: int = 0) -> dict[str, float]:
     cases = [(world.SUBJECT.prompt(bg), bg) for bg in ALL for _ in range(seeds_per_prompt)]
     cases += [(f"{world.SUBJECT.class_prompt} on a white background", None)] * 16
     images = quality.sample(pipe, [prompt for prompt, _ in cases], seeds=[seed + i for i in range(len(cases))])
-    rows = [(_is_subject(r), r.background == bg, bg) for r, (_, bg) in zip(probes.read_all(images), cases)]
+    rows = [(quality.shows_subject(r), r.background == bg, bg) for r, (_, bg) in zip(probes.read_all(images), cases)]
 
     def share(keep, column):
         cells = [row[column] for row in rows if keep(row[2])]

@@ -8,11 +8,13 @@ is generated, in batches, split between the processes of an `accelerate launch`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from customize.data.images import IMAGE_EXTENSIONS, save_image_atomic
+from customize.utils import atomic_path
 
 
 def class_image_name(index: int) -> str:
@@ -43,7 +45,7 @@ def missing_indices(folder: str | Path, num_class_images: int) -> list[int]:
 def generate_class_images(
     pipe,
     class_data_dir: str | Path,
-    class_prompt: str,
+    class_prompt: str | Sequence[str],
     num_class_images: int,
     *,
     sample_batch_size: int = 4,
@@ -52,11 +54,15 @@ def generate_class_images(
     num_inference_steps: int = 50,
     progress: bool = True,
 ) -> list[Path]:
-    """Fill `class_data_dir` up to `num_class_images` images of `class_prompt`; returns the files written here."""
+    """Fill `class_data_dir` up to `num_class_images` images of `class_prompt`; returns the files written here.
+    A list of prompts: image i is drawn from prompts[i % len(prompts)] and its prompt is written beside it as
+    `class-{i:05d}.txt` (before the image, so an image never lacks its caption), which the DreamBooth dataset
+    reads with use_captions."""
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    if not class_prompt:
+    prompts = [class_prompt] if isinstance(class_prompt, str) else list(class_prompt)
+    if not all(prompts) or not prompts:
         raise ValueError("prior preservation needs --class_prompt (e.g. 'a photo of dog') to generate class images")
     if sample_batch_size < 1:
         raise ValueError(f"sample_batch_size must be >= 1, got {sample_batch_size}")
@@ -72,10 +78,14 @@ def generate_class_images(
             for batch in bar:
                 generators = [torch.Generator(state.device).manual_seed(seed + i) for i in batch]
                 images = pipe(
-                    prompt=[class_prompt] * len(batch), generator=generators, height=resolution, width=resolution,
-                    num_inference_steps=num_inference_steps,
+                    prompt=[prompts[i % len(prompts)] for i in batch], generator=generators, height=resolution,
+                    width=resolution, num_inference_steps=num_inference_steps,
                 ).images
                 for i, img in zip(batch, images):
-                    written.append(save_image_atomic(img, Path(class_data_dir) / class_image_name(i)))
+                    path = Path(class_data_dir) / class_image_name(i)
+                    if not isinstance(class_prompt, str):
+                        with atomic_path(path.with_suffix(".txt")) as tmp:
+                            tmp.write_text(prompts[i % len(prompts)])
+                    written.append(save_image_atomic(img, path))
     state.wait_for_everyone()
     return written

@@ -118,22 +118,14 @@ def _subject_config(config_cls, output_dir, *, base, with_prior: bool, num_class
 
 def captioned_class_images(folder, backgrounds, n: int, *, base=BASE_DIR, seed: int = 0) -> Path:
     """Class images named by their background: image i is the base model's "a shape on a <bg> background" for
-    bg = backgrounds[i % len(backgrounds)], written with that caption in a .txt beside it (only the missing ones;
-    the DreamBooth dataset reads the captions with use_captions)."""
-    from customize.data.images import save_image_atomic
-    from customize.methods.class_images import class_image_name
-    from customize.utils import atomic_path
+    bg = backgrounds[i % len(backgrounds)], its caption in a .txt beside it (the shared class-image generator,
+    which writes only the missing ones; the DreamBooth dataset reads the captions with use_captions)."""
+    from customize.methods.class_images import generate_class_images
 
-    folder = Path(folder)
-    prompts = [f"{world.SUBJECT.class_prompt} on a {backgrounds[i % len(backgrounds)]} background" for i in range(n)]
-    todo = [i for i in range(n) if not (folder / class_image_name(i)).is_file()]
-    if todo:
-        images = quality.sample(load_base(base), [prompts[i] for i in todo], seeds=[seed + 90_000 + i for i in todo])
-        for i, image in zip(todo, images):
-            with atomic_path(folder / Path(class_image_name(i)).with_suffix(".txt")) as tmp:
-                tmp.write_text(prompts[i])
-            save_image_atomic(image, folder / class_image_name(i))
-    return folder
+    prompts = [f"{world.SUBJECT.class_prompt} on a {bg} background" for bg in backgrounds]
+    generate_class_images(load_base(base), folder, prompts, n, sample_batch_size=32, seed=seed,
+                          num_inference_steps=quality.EVAL_STEPS, progress=False)
+    return Path(folder)
 
 
 def _dreambooth(method, config_cls, defaults: dict, output_dir, *, base, instance_dir, with_prior: bool,

@@ -79,6 +79,11 @@ def base_accuracy(pipe, n: int = 200, seed: int = 0, **gen) -> Scored:
     return Scored(images, readings, attribute_accuracy(readings, expected, BASE_ATTRIBUTES + ("size", "position")))
 
 
+def shows_subject(reading: probes.Reading, subject: world.Subject = world.SUBJECT) -> bool:
+    """The subject is its shape AND its colour."""
+    return reading.shape == subject.shape and reading.colour == subject.colour
+
+
 def subject_scores(pipe, seeds_per_prompt: int = 8, seed: int = 0, subject: world.Subject = world.SUBJECT,
                    prompt_for=None, **gen) -> Scored:
     """Subject fidelity and prompt fidelity on prompts that put the subject on backgrounds its instance images
@@ -88,7 +93,7 @@ def subject_scores(pipe, seeds_per_prompt: int = 8, seed: int = 0, subject: worl
     prompts = [(prompt_for or (lambda q: q))(p) for p, _ in cases]
     images = sample(pipe, prompts, seeds=[seed + i for i in range(len(cases))], **gen)
     readings = probes.read_all(images)
-    is_subject = [r.shape == subject.shape and r.colour == subject.colour for r in readings]
+    is_subject = [shows_subject(r, subject) for r in readings]
     on_prompt = [r.background == want["background"] for r, (_, want) in zip(readings, cases)]
     scores = {
         "subject_fidelity": sum(is_subject) / len(cases),
