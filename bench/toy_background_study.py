@@ -9,7 +9,8 @@ Columns (shares of generated images, probe-read, 8 seeds per background):
   seen subject    subject drawn for "a sks shape on a <bg> background", bg in the instance backgrounds
   unseen subject  the same for the other backgrounds; unseen prompt: the background asked for is drawn
   class subject   the subject drawn for the class prompt "a shape on a white background" (the identifier unused)
-The figure that decides point 2 is unseen subject and unseen prompt together (both >= 70% wanted).
+The figure that decides point 2 is unseen subject and unseen prompt together (both >= 70% wanted). Under each
+row, per background (* = an instance background): images showing the subject on the background asked for.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ VARIANTS = {
 }
 
 
-def score(pipe, seeds_per_prompt: int = 8, seed: int = 0) -> dict[str, float]:
+def score(pipe, seeds_per_prompt: int = 8, seed: int = 0) -> dict:
+    """The columns above, plus "per background": {bg: (images with the subject on the background asked for,
+    images)} for every background, seen or not."""
     cases = [(world.SUBJECT.prompt(bg), bg) for bg in ALL for _ in range(seeds_per_prompt)]
     cases += [(f"{world.SUBJECT.class_prompt} on a white background", None)] * 16
     images = quality.sample(pipe, [prompt for prompt, _ in cases], seeds=[seed + i for i in range(len(cases))])
@@ -46,14 +49,19 @@ def score(pipe, seeds_per_prompt: int = 8, seed: int = 0) -> dict[str, float]:
         return sum(cells) / len(cells)
 
     unseen = lambda bg: bg is not None and bg not in SEEN  # noqa: E731
+    both = {bg: (sum(s and b for s, b, g in rows if g == bg), sum(g == bg for *_, g in rows)) for bg in ALL}
     return {"seen subject": share(lambda bg: bg in SEEN, 0), "unseen subject": share(unseen, 0),
-            "unseen prompt": share(unseen, 1), "class subject": share(lambda bg: bg is None, 0)}
+            "unseen prompt": share(unseen, 1), "class subject": share(lambda bg: bg is None, 0),
+            "per background": both}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
     p.add_argument("--output_dir", default="outputs/bench-toy-background-study")
+    p.add_argument("--base", default=str(experiments.BASE_DIR),
+                   help="toy base model folder (default: the committed one; e.g. one trained with "
+                        "recipes/train_toy_base.py --attention_at_full_res true)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     names = pick(a.variants, VARIANTS, "variant")
@@ -62,9 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'variant':<34}" + "".join(f"{c:>16}" for c in columns) + f"{'train s':>9}")
     for name in names:
         start = time.perf_counter()
-        run = experiments.dreambooth_lora(Path(a.output_dir) / name, seed=a.seed, **VARIANTS[name])
+        run = experiments.dreambooth_lora(Path(a.output_dir) / name, base=a.base, seed=a.seed, **VARIANTS[name])
         scores = score(run.pipe, seed=a.seed)
         print(f"{name:<34}" + "".join(f"{scores[c]:>16.0%}" for c in columns) + f"{run.seconds:>9.0f}", flush=True)
+        cells = (f"{bg}{'*' if bg in SEEN else ''} {k}/{n}" for bg, (k, n) in scores["per background"].items())
+        print(f"{'':<4}subject on the background asked for: " + ", ".join(cells), flush=True)
         print(f"[{name}: {time.perf_counter() - start:.0f} s]", file=sys.stderr)
     return 0
 

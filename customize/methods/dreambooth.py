@@ -170,26 +170,23 @@ def save(pipe, cfg: DreamBoothConfig, out_dir):
 
 
 def model_card(cfg: DreamBoothConfig, kind: str = "DreamBooth (full fine-tune)", extra: dict | None = None) -> str:
+    from customize.training.tracking import model_card_text, run_settings
+
     settings = {
         "base model": cfg.pretrained_model_name_or_path,
         "instance prompt (trigger)": cfg.instance_prompt,
         "prior preservation": f"{cfg.class_prompt!r}, weight {cfg.prior_loss_weight}, {cfg.num_class_images} images"
         if cfg.with_prior_preservation else "off",
         "train text encoder": cfg.train_text_encoder,
-        "resolution": cfg.resolution or "model default",
-        "steps": cfg.max_train_steps,
-        "batch size x accumulation": f"{cfg.train_batch_size} x {cfg.gradient_accumulation_steps}",
+        **run_settings(cfg),
         "learning rate": f"{cfg.learning_rate} ({cfg.lr_scheduler}, warmup {cfg.lr_warmup_steps})",
         "min-SNR gamma": cfg.snr_gamma or "off",
         "noise offset": cfg.noise_offset or "off",
-        "mixed precision": cfg.mixed_precision,
-        "seed": cfg.seed,
         **(extra or {}),
     }
-    rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
-    return (
-        f"# {kind}: {cfg.instance_prompt}\n\n"
+    return model_card_text(
+        f"{kind}: {cfg.instance_prompt}",
         f"Trained with `customize` on `{cfg.pretrained_model_name_or_path}`. "
-        f"Use the trigger prompt `{cfg.instance_prompt}` (or put its identifier in your own prompt).\n\n"
-        f"| setting | value |\n|---|---|\n{rows}\n"
+        f"Use the trigger prompt `{cfg.instance_prompt}` (or put its identifier in your own prompt).",
+        settings,
     )

@@ -432,23 +432,20 @@ def save_embeddings(tokens: PlaceholderTokens, out_dir) -> dict[str, str]:
 
 
 def model_card(cfg: TextualInversionConfig) -> str:
+    from customize.training.tracking import model_card_text, run_settings
+
     settings = {
         "base model": cfg.pretrained_model_name_or_path,
         "placeholder": f"`{cfg.placeholder_token}` ({cfg.num_vectors} vector(s), initialised from `{cfg.initializer_token}`)",
         "prompts": "per-image captions" if cfg.use_captions else f"{cfg.learnable_property} templates",
-        "resolution": cfg.resolution or "model default",
-        "steps": cfg.max_train_steps,
-        "batch size x accumulation": f"{cfg.train_batch_size} x {cfg.gradient_accumulation_steps}",
+        **run_settings(cfg),
         "learning rate": f"{cfg.learning_rate}{' (scaled)' if cfg.scale_lr else ''} ({cfg.lr_scheduler})",
-        "mixed precision": cfg.mixed_precision,
-        "seed": cfg.seed,
     }
-    rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
-    return (
-        f"# Textual inversion: {cfg.placeholder_token}\n\n"
+    return model_card_text(
+        f"Textual inversion: {cfg.placeholder_token}",
         f"Trained with `customize` on `{cfg.pretrained_model_name_or_path}`. Load with "
         f"`pipe.load_textual_inversion(<this folder>)` (SDXL: once per encoder, `weight_name=\"learned_embeds_2.safetensors\"` "
         f"with `text_encoder_2` / `tokenizer_2` for the second) or `customize generate --embedding <file>`, then "
-        f"write `{cfg.placeholder_token}` in the prompt.\n\n"
-        f"| setting | value |\n|---|---|\n{rows}\n"
+        f"write `{cfg.placeholder_token}` in the prompt.",
+        settings,
     )

@@ -74,6 +74,23 @@ def record_validation(accelerator, images: list[Image.Image], step: int, output_
     return path
 
 
+def run_settings(cfg) -> dict:
+    """The model-card rows every fine-tune shares: resolution, steps, batch, precision, seed."""
+    return {
+        "resolution": cfg.resolution or "model default",
+        "steps": cfg.max_train_steps,
+        "batch size x accumulation": f"{cfg.train_batch_size} x {cfg.gradient_accumulation_steps}",
+        "mixed precision": cfg.mixed_precision,
+        "seed": cfg.seed,
+    }
+
+
+def model_card_text(title: str, intro: str, settings: dict) -> str:
+    """A model card (README.md) body: a title, how to use the weights, and a settings table."""
+    rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
+    return f"# {title}\n\n{intro}\n\n| setting | value |\n|---|---|\n{rows}\n"
+
+
 def write_model_card(text: str, output_dir: str | os.PathLike) -> Path:
     path = Path(output_dir) / "README.md"
     with atomic_path(path) as tmp:
