@@ -1,0 +1,109 @@
+"""Does a toy base model's cross-attention look at the words of what is drawn where it is drawn?
+
+In Stable Diffusion a word's cross-attention map lights up where that word is drawn (what Prompt-to-Prompt
+edits), so an adapter trained on "a sks dog" mostly changes the pixels that attend to "sks". This bench measures
+the same property on a toy base: it draws held-out captions, records each cross-attention layer's probabilities
+(conditional half of classifier-free guidance, averaged over heads and sampling steps), and compares, for each
+word, the mean attention it gets from pixels inside the shape's true mask with the mean from pixels outside.
+
+    python bench/toy_attention.py                              # the committed data/toy/base
+    python bench/toy_attention.py --base outputs/toy_base_fullres/pipeline
+
+Columns: in/out ratio of the shape's words (colour and shape name; above 1 = attended on the shape) and of the
+background words (background colour and "background"; below 1 = attended off the shape), per layer, geometric
+mean over the prompts. 1.00 everywhere means the layer reads the prompt as one pooled vector.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from customize.bench import single_thread_unless_set
+from customize.toy import experiments, quality, world
+
+
+class CrossAttentionRecorder:
+    """A diffusers attention processor that computes a layer's output with `inner` and, for cross-attention,
+    also keeps softmax(QK^T / sqrt(d)) of the conditional half of the batch, averaged over heads: (N, L)."""
+
+    def __init__(self, name: str, inner, store: dict):
+        self.name, self.inner, self.store = name, inner, store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if encoder_hidden_states is not None:
+            with torch.no_grad():
+                q = attn.head_to_batch_dim(attn.to_q(hidden_states))  # (B*h, N, d)
+                k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))  # (B*h, L, d)
+                probs = attn.get_attention_scores(q, k, None)  # (B*h, N, L)
+                b = hidden_states.shape[0]
+                probs = probs.reshape(b, attn.heads, *probs.shape[1:])[b // 2:].mean(1)  # (B/2, N, L) cond half
+                self.store.setdefault(self.name, []).append(probs)
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+
+
+def word_positions(tokenizer, prompt: str, words: list[str]) -> list[int]:
+    """Token positions (with the start token at 0) of the given words, each a single token in the toy vocabulary."""
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(prompt).input_ids)
+    return [i for i, t in enumerate(tokens) if t.removesuffix("</w>") in words]
+
+
+def locality(pipe, n: int = 16, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """{layer: (shape words' in/out ratio, background words' in/out ratio)}, geometric means over n prompts."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    prompts = world.heldout_prompts(n, seed)
+    store: dict[str, list[torch.Tensor]] = {}
+    pipe.unet.set_attn_processor({name: CrossAttentionRecorder(name, AttnProcessor(), store)
+                                  for name in pipe.unet.attn_processors})
+    try:
+        quality.sample(pipe, [p for p, _ in prompts], seeds=[seed + i for i in range(n)], batch_size=n)
+    finally:
+        pipe.unet.set_attn_processor(AttnProcessor())
+    out = {}
+    for name, steps in store.items():
+        probs = torch.stack(steps).mean(0)  # (n, N, L): mean over sampling steps
+        side = int(math.isqrt(probs.shape[1]))
+        shape_r, bg_r = [], []
+        for i, (prompt, scene) in enumerate(prompts):
+            mask = world.shape_mask(scene)  # (32, 32) bool
+            f = mask.shape[0] // side
+            inside = torch.from_numpy(mask.reshape(side, f, side, f).mean(axis=(1, 3)) >= 0.5).flatten()  # (N,)
+            if inside.all() or not inside.any():
+                continue
+            p = probs[i]  # (N, L)
+            ratio = p[inside].mean(0) / p[~inside].mean(0)  # (L,)
+            fg = word_positions(pipe.tokenizer, prompt, [scene.colour, scene.shape])
+            bg = [i for i in word_positions(pipe.tokenizer, prompt, [scene.background, "background"])
+                  if i > max(fg)]  # the background colour after the shape's words
+            shape_r.append(float(ratio[fg].mean()))
+            bg_r.append(float(ratio[bg].mean()))
+        if shape_r:
+            out[name.removesuffix(".processor")] = (float(np.exp(np.mean(np.log(shape_r)))),
+                                                    float(np.exp(np.mean(np.log(bg_r)))))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", default=str(experiments.BASE_DIR))
+    p.add_argument("--n", type=int, default=16, help="held-out captions drawn")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    single_thread_unless_set()
+    pipe = experiments.load_base(Path(a.base))
+    rows = locality(pipe, a.n, a.seed)
+    print(f"{'cross-attention layer':<58}{'shape words':>12}{'background':>12}")
+    for name, (fg, bg) in rows.items():
+        if "attn2" in name:
+            print(f"{name:<58}{fg:>12.2f}{bg:>12.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
