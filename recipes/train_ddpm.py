@@ -11,8 +11,10 @@ is a diffusers DDPMPipeline; `--help` lists every option.
 
 from __future__ import annotations
 
+import sys
+
 from customize.methods.ddpm import DDPM, DDPMConfig, build_dataset, build_model
-from customize.training import parse_config, train
+from customize.training import parse_config, run_recipe, train
 
 
 def main(argv: list[str] | None = None):
@@ -24,4 +26,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_recipe(main))

@@ -14,9 +14,11 @@ option. `--pretrained_model_name_or_path tiny-sd` (or tiny-sdxl) runs on a seede
 
 from __future__ import annotations
 
+import sys
+
 from customize.methods import dreambooth
 from customize.models import load_pipeline
-from customize.training import parse_config, train
+from customize.training import parse_config, run_recipe, train
 
 
 def main(argv: list[str] | None = None):
@@ -29,4 +31,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_recipe(main))

@@ -13,10 +13,12 @@ SDXL) and s0.safetensors; then prompt with the placeholder ("a photo of <s0> dog
 
 from __future__ import annotations
 
+import sys
+
 from customize.methods import lora
 from customize.methods.pivotal import PivotalConfig, PivotalTuning
 from customize.models import load_pipeline
-from customize.training import parse_config, train
+from customize.training import parse_config, run_recipe, train
 
 
 def main(argv: list[str] | None = None):
@@ -30,4 +32,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_recipe(main))

@@ -11,9 +11,11 @@ into --output_dir; `--help` lists every option (defaults follow diffusers' textu
 
 from __future__ import annotations
 
+import sys
+
 from customize.methods.textual_inversion import TextualInversion, TextualInversionConfig, build_dataset
 from customize.models import load_pipeline
-from customize.training import parse_config, train
+from customize.training import parse_config, run_recipe, train
 
 
 def main(argv: list[str] | None = None):
@@ -27,4 +29,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_recipe(main))

@@ -10,8 +10,10 @@ more than they give on tiny tensors); minutes on a GPU. `--help` lists every opt
 
 from __future__ import annotations
 
+import sys
+
 from customize.toy.base import ToyBaseConfig, train_toy_base
-from customize.training import parse_config
+from customize.training import parse_config, run_recipe
 
 
 def main(argv: list[str] | None = None):
@@ -23,4 +25,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_recipe(main))

@@ -256,3 +256,32 @@ def test_style_lora_trains_on_per_image_captions(tmp_path):
     assert [dataset[i]["instance"]["prompt"] for i in range(3)] == captions
     result = train(lora, pipe, dataset, cfg)
     assert result.global_step == 2 and (tmp_path / "out" / lora.LORA_WEIGHT_NAME).is_file()
+
+
+def test_recipe_reports_bad_input_in_one_line_and_exit_status_2(tmp_path):
+    """A recipe run from the shell turns the toolkit's input errors into one line and exit status 2 (a traceback
+    only on request), and leaves no output folder behind."""
+    args = _args(tmp_path, "sd", "--rank", "0")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("CUSTOMIZE_TRACEBACK", None)
+    script = str(ROOT / "recipes" / "train_dreambooth_lora.py")
+    done = subprocess.run([sys.executable, script, *args], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "train_dreambooth_lora.py: error: rank must be >= 1, got 0" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
+    done = subprocess.run([sys.executable, script, *args], env={**env, "CUSTOMIZE_TRACEBACK": "1"}, cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" in done.stderr and "ValueError: rank must be >= 1" in done.stderr
+
+
+def test_run_recipe_passes_other_exceptions_through():
+    from customize.training import run_recipe
+
+    assert run_recipe(lambda argv: None) == 0
+
+    def broken(argv):
+        raise KeyError("a bug, not bad input")
+
+    with pytest.raises(KeyError):
+        run_recipe(broken)
