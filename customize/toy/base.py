@@ -91,6 +91,9 @@ class ToyBaseConfig(TrainConfig):
     unet_learning_rate: float = 1e-3
     text_encoder_learning_rate: float | None = field(default=None, metadata={"help": "Default: unet_learning_rate."})
     caption_dropout: float = field(default=0.1, metadata={"help": "Share of empty captions (for classifier-free guidance)."})
+    pair_fraction: float = field(default=0.0, metadata={
+        "help": "Share of stage-2 examples with two shapes, each named with its colour and position (world.pair_example), "
+                "so the text encoder and UNet must read each word where its shape is drawn."})
     snr_gamma: float | None = field(default=5.0, metadata={"help": "min-SNR-gamma weighting of the denoising loss."})
     noise_offset: float = field(default=0.0, metadata={"help": "Noise offset scale (helps flat, saturated colours)."})
     zero_terminal_snr: bool = field(default=True, metadata={
@@ -112,6 +115,8 @@ class ToyBaseConfig(TrainConfig):
         super().__post_init__()
         if not 0.0 <= self.clutter_fraction < 1.0:
             raise ValueError(f"clutter_fraction must be in [0, 1), got {self.clutter_fraction}")
+        if not 0.0 <= self.pair_fraction < 1.0:
+            raise ValueError(f"pair_fraction must be in [0, 1), got {self.pair_fraction}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
 
@@ -126,13 +131,15 @@ class ToyImages(Dataset):
     function of (seed, i). With `clutter_fraction`, that share of the examples are generic clutter images with
     an empty caption (VAE data only). With `crop_size`, a random crop of that size (drawn from python's
     `random`, which the engine seeds per example): the VAE is convolutional, and a 16-px crop costs a quarter of
-    a whole image, so the VAE gets four times the optimizer steps for the same time."""
+    a whole image, so the VAE gets four times the optimizer steps for the same time. With `pair_fraction`, that
+    share of the (non-clutter) examples show two shapes (`world.pair_example`)."""
 
     def __init__(self, n: int, seed: int = 0, split: str = "train", clutter_fraction: float = 0.0,
-                 crop_size: int | None = None):
+                 crop_size: int | None = None, pair_fraction: float = 0.0):
         if crop_size is not None and not 0 < crop_size <= world.IMAGE_SIZE:
             raise ValueError(f"crop_size must be in (0, {world.IMAGE_SIZE}], got {crop_size}")
         self.n, self.seed, self.split, self.clutter_fraction, self.crop_size = n, seed, split, clutter_fraction, crop_size
+        self.pair_fraction = pair_fraction
 
     def __len__(self) -> int:
         return self.n
@@ -144,6 +151,9 @@ class ToyImages(Dataset):
         if self.is_clutter(i):
             arr = np.clip(np.rint(world.clutter_array(self.seed, i)), 0, 255).astype(np.uint8)
             pixels, text = pil_to_tensor(Image.fromarray(arr, mode="RGB")), ""
+        elif self.pair_fraction and world.scene_rng(self.seed, i, "pair?").random() < self.pair_fraction:
+            scenes, text = world.pair_example(self.seed, i, self.split)
+            pixels = pil_to_tensor(world.render_pair(scenes))  # (3, H, W)
         else:
             scene, text = world.base_example(self.seed, i, self.split)
             pixels = pil_to_tensor(world.render(scene))  # (3, H, W)
@@ -405,7 +415,8 @@ def train_toy_base(cfg: ToyBaseConfig) -> ToyBaseResult:
     pipe = new_pipeline(vae, tokenizer, cfg.seed, cfg.zero_terminal_snr, cfg.attention_at_full_res)
     unet_cfg = replace(cfg, output_dir=str(out / "stage2-unet"), max_train_steps=cfg.unet_train_steps,
                        learning_rate=cfg.unet_learning_rate)
-    result = train(TextUNetStage(tokenizer, pipeline_dir), pipe, ToyImages(cfg.num_train_images, cfg.data_seed), unet_cfg)
+    data = ToyImages(cfg.num_train_images, cfg.data_seed, pair_fraction=cfg.pair_fraction)
+    result = train(TextUNetStage(tokenizer, pipeline_dir), pipe, data, unet_cfg)
     final["unet"] = result.losses[-1]
     seconds["total"] = time.perf_counter() - start
     seconds["unet"] = seconds["total"] - seconds["vae"]
