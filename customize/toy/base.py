@@ -92,8 +92,9 @@ class ToyBaseConfig(TrainConfig):
     text_encoder_learning_rate: float | None = field(default=None, metadata={"help": "Default: unet_learning_rate."})
     caption_dropout: float = field(default=0.1, metadata={"help": "Share of empty captions (for classifier-free guidance)."})
     pair_fraction: float = field(default=0.0, metadata={
-        "help": "Share of stage-2 examples with two shapes, each named with its colour and position (world.pair_example), "
-                "so the text encoder and UNet must read each word where its shape is drawn."})
+        "help": "Share of stage-2 examples with two shapes, each named with its colour and position "
+                "(world.pair_example). Tried at 0.3 to make cross-attention localise words; it did not "
+                "(bench/toy_attention.py, notes in customize/toy/experiments.py)."})
     snr_gamma: float | None = field(default=5.0, metadata={"help": "min-SNR-gamma weighting of the denoising loss."})
     noise_offset: float = field(default=0.0, metadata={"help": "Noise offset scale (helps flat, saturated colours)."})
     zero_terminal_snr: bool = field(default=True, metadata={

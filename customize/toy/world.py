@@ -450,8 +450,8 @@ PAIR_POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 def pair_example(seed: int, index: int, split: str = "train") -> tuple[tuple[Scene, Scene], str]:
     """Example `index` of the two-shape data: ((first, second), caption), e.g. "a red circle at the top left and
     a blue square at the bottom right on a green background". The two shapes differ in colour; the background is
-    shared. Used (with ToyBaseConfig.pair_fraction) so that the caption's words each describe part of the image
-    only, which a text-to-image model can only follow by reading each word where its shape is drawn."""
+    shared. Mixed into base training with ToyBaseConfig.pair_fraction: each of the caption's words then describes
+    part of the image only."""
     rng = scene_rng(seed, index, f"pair-{split}")
     first = sample_scene(rng, split)
     colours = tuple(c for c in BASE_COLOURS if c != first.colour)
