@@ -15,6 +15,9 @@ import sys
 from pathlib import Path
 
 EXIT_ERROR = 1
+# What a user's input can raise (bad options or config values, missing or unreadable images, captions, model or
+# LoRA files, a full disk, a loss that diverged): the `customize` command and the recipes report these in one line.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
 # StableDiffusion(XL)Pipeline.check_inputs refuses sizes that are not multiples of 8 pixels
 DIFFUSERS_PIXEL_MULTIPLE = 8
 
@@ -446,11 +449,26 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, OSError) as e:
+    except USER_ERRORS as e:
         if args.traceback:
             raise
         print(f"customize {args.command}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def run_recipe(main, argv: list[str] | None = None) -> int:
+    """Run a recipe's `main(argv)` as a command: 0 when it returns; EXIT_ERROR and a one-line "<recipe>: error: ..."
+    on standard error for a USER_ERRORS exception, as `customize` itself does (CUSTOMIZE_TRACEBACK=1 re-raises it:
+    the full traceback)."""
+    try:
+        main(argv)
+    except USER_ERRORS as e:
+        if os.environ.get("CUSTOMIZE_TRACEBACK", "") not in ("", "0"):
+            raise
+        name = Path(sys.argv[0]).name or "recipe"
+        print(f"{name}: error: {e}\n(set CUSTOMIZE_TRACEBACK=1 for the full traceback)", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
 
 
 if __name__ == "__main__":

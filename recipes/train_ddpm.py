@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import sys
 
+from customize.cli import run_recipe
 from customize.methods.ddpm import DDPM, DDPMConfig, build_dataset, build_model
-from customize.training import parse_config, run_recipe, train
+from customize.training import parse_config, train
 
 
 def main(argv: list[str] | None = None):

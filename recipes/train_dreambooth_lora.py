@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import sys
 
+from customize.cli import run_recipe
 from customize.methods import lora
 from customize.models import load_pipeline
-from customize.training import parse_config, run_recipe, train
+from customize.training import parse_config, train
 
 
 def main(argv: list[str] | None = None):

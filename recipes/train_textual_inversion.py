@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import sys
 
+from customize.cli import run_recipe
 from customize.methods.textual_inversion import TextualInversion, TextualInversionConfig, build_dataset
 from customize.models import load_pipeline
-from customize.training import parse_config, run_recipe, train
+from customize.training import parse_config, train
 
 
 def main(argv: list[str] | None = None):

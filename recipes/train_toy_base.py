@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import sys
 
+from customize.cli import run_recipe
 from customize.toy.base import ToyBaseConfig, train_toy_base
-from customize.training import parse_config, run_recipe
+from customize.training import parse_config
 
 
 def main(argv: list[str] | None = None):

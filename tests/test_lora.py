@@ -258,15 +258,15 @@ def test_style_lora_trains_on_per_image_captions(tmp_path):
     assert result.global_step == 2 and (tmp_path / "out" / lora.LORA_WEIGHT_NAME).is_file()
 
 
-def test_recipe_reports_bad_input_in_one_line_and_exit_status_2(tmp_path):
-    """A recipe run from the shell turns the toolkit's input errors into one line and exit status 2 (a traceback
-    only on request), and leaves no output folder behind."""
+def test_recipe_reports_bad_input_in_one_line(tmp_path):
+    """A recipe run from the shell turns the toolkit's input errors into one line and exit status 1, as the
+    `customize` command does (a traceback only on request), and leaves no output folder behind."""
     args = _args(tmp_path, "sd", "--rank", "0")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("CUSTOMIZE_TRACEBACK", None)
     script = str(ROOT / "recipes" / "train_dreambooth_lora.py")
     done = subprocess.run([sys.executable, script, *args], env=env, cwd=tmp_path, capture_output=True, text=True)
-    assert done.returncode == 2
+    assert done.returncode == 1
     assert "train_dreambooth_lora.py: error: rank must be >= 1, got 0" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
@@ -276,7 +276,7 @@ def test_recipe_reports_bad_input_in_one_line_and_exit_status_2(tmp_path):
 
 
 def test_run_recipe_passes_other_exceptions_through():
-    from customize.training import run_recipe
+    from customize.cli import run_recipe
 
     assert run_recipe(lambda argv: None) == 0
 

@@ -1,6 +1,6 @@
 """The one training engine: `train(method, model, dataset, cfg)` with the shared `TrainConfig`."""
 
-from customize.training.config import TrainConfig, load_config_file, parse_config, run_recipe
+from customize.training.config import TrainConfig, load_config_file, parse_config
 from customize.training.engine import TrainResult, train
 
-__all__ = ["TrainConfig", "TrainResult", "load_config_file", "parse_config", "run_recipe", "train"]
+__all__ = ["TrainConfig", "TrainResult", "load_config_file", "parse_config", "train"]

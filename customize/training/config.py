@@ -155,21 +155,3 @@ def parse_config(config_cls: type[C], argv: list[str] | None = None) -> C:
     outputs = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
     return outputs[0]
 
-
-# What a user's input can raise (bad flags or config values, missing or unreadable images, captions, model or
-# LoRA files, a loss that diverged): a recipe run from the shell reports these in one line.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError)
-
-
-def run_recipe(main, argv: list[str] | None = None) -> int:
-    """Run a recipe's `main(argv)` as a command: 0 when it returns, 2 with a one-line "<recipe>: error: ..." on
-    standard error for a USER_ERRORS exception. CUSTOMIZE_TRACEBACK=1 re-raises it instead (the full traceback)."""
-    try:
-        main(argv)
-    except USER_ERRORS as e:
-        if os.environ.get("CUSTOMIZE_TRACEBACK", "") not in ("", "0"):
-            raise
-        name = Path(sys.argv[0]).name or "recipe"
-        print(f"{name}: error: {e}\n(set CUSTOMIZE_TRACEBACK=1 for the full traceback)", file=sys.stderr)
-        return 2
-    return 0
