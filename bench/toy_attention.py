@@ -59,12 +59,12 @@ def locality(pipe, n: int = 16, seed: int = 0) -> dict[str, tuple[float, float]]
 
     prompts = world.heldout_prompts(n, seed)
     store: dict[str, list[torch.Tensor]] = {}
-    pipe.unet.set_attn_processor({name: CrossAttentionRecorder(name, AttnProcessor(), store)
-                                  for name in pipe.unet.attn_processors})
+    before = dict(pipe.unet.attn_processors)
+    pipe.unet.set_attn_processor({name: CrossAttentionRecorder(name, AttnProcessor(), store) for name in before})
     try:
         quality.sample(pipe, [p for p, _ in prompts], seeds=[seed + i for i in range(n)], batch_size=n)
     finally:
-        pipe.unet.set_attn_processor(AttnProcessor())
+        pipe.unet.set_attn_processor(before)  # the pipeline's own processors again
     out = {}
     for name, steps in store.items():
         probs = torch.stack(steps).mean(0)  # (n, N, L): mean over sampling steps

@@ -25,15 +25,13 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from customize.data.datasets import collate_examples
 from customize.data.transforms import pil_to_tensor
 from customize.toy import world
-from customize.toy.tokenizer import MODEL_MAX_LENGTH, toy_tokenizer
+from customize.toy.tokenizer import toy_tokenizer
 from customize.training import TrainConfig, sd
 from customize.utils import atomic_path
 
@@ -150,8 +148,7 @@ class ToyImages(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         if self.is_clutter(i):
-            arr = np.clip(np.rint(world.clutter_array(self.seed, i)), 0, 255).astype(np.uint8)
-            pixels, text = pil_to_tensor(Image.fromarray(arr, mode="RGB")), ""
+            pixels, text = pil_to_tensor(world.to_image(world.clutter_array(self.seed, i))), ""
         elif self.pair_fraction and world.scene_rng(self.seed, i, "pair?").random() < self.pair_fraction:
             scenes, text = world.pair_example(self.seed, i, self.split)
             pixels = pil_to_tensor(world.render_pair(scenes))  # (3, H, W)

@@ -110,7 +110,7 @@ def _run(method, cfg, base, build_dataset=None, prompt_for=None) -> Run:
 # 12-minute pilot whose text encoder has no layers (each word's state only its own embedding): 56% / 62%, again
 # green alone (7/8). Green is the unseen background whose VAE latent lies nearest an instance one (1.9 from yellow;
 # red, blue, black 2.8-3.1): the fine-tune carries over to backgrounds that look alike in latent space.
-# bench/toy_attention.py shows why neither base separates them: its words' cross-attention is nearly uniform over
+# bench/toy_attention.py shows why none of these bases separates them: its words' cross-attention is nearly uniform over
 # the image (0.85-1.3x as much on the shape as off it), so "sks" is read as part of one pooled prompt vector.
 LORA_DEFAULTS = dict(rank=16, learning_rate=3e-3, max_train_steps=600, train_batch_size=4, lora_target="attention+conv")
 FULL_DEFAULTS = dict(learning_rate=2e-4, max_train_steps=300, train_batch_size=4)

@@ -214,9 +214,10 @@ def stripe_mask(image_size: int = IMAGE_SIZE, style: Style = STYLE, supersample:
     return np.broadcast_to(rows[:, None], (image_size, image_size)).copy()
 
 
-def render_array(scene: Scene, image_size: int = IMAGE_SIZE) -> np.ndarray:
-    """(H, W, 3) float32 RGB in [0, 255]: the background, the shape's colour blended by coverage, stripes on top."""
-    bg = np.asarray(PALETTE[scene.background], dtype=np.float32)
+def render_array(scene: Scene, image_size: int = IMAGE_SIZE, canvas: np.ndarray | None = None) -> np.ndarray:
+    """(H, W, 3) float32 RGB in [0, 255]: the background (or `canvas`, an image to draw the shape over), the
+    shape's colour blended by coverage, stripes on top."""
+    bg = np.asarray(PALETTE[scene.background], dtype=np.float32) if canvas is None else canvas
     fg = np.asarray(PALETTE[scene.colour], dtype=np.float32)
     cov = coverage(scene, image_size)[..., None]  # (H, W, 1)
     shape_rgb = np.broadcast_to(fg, cov.shape[:2] + (3,))
@@ -226,9 +227,13 @@ def render_array(scene: Scene, image_size: int = IMAGE_SIZE) -> np.ndarray:
     return (1 - cov) * bg + cov * shape_rgb  # (H, W, 3)
 
 
+def to_image(arr: np.ndarray) -> Image.Image:
+    """An (H, W, 3) float array in [0, 255] as an 8-bit RGB image."""
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="RGB")
+
+
 def render(scene: Scene, image_size: int = IMAGE_SIZE) -> Image.Image:
-    arr = np.clip(np.rint(render_array(scene, image_size)), 0, 255).astype(np.uint8)
-    return Image.fromarray(arr, mode="RGB")
+    return to_image(render_array(scene, image_size))
 
 
 def control_map(scene: Scene, kind: str = "mask", image_size: int = IMAGE_SIZE) -> Image.Image:
@@ -467,10 +472,7 @@ def pair_example(seed: int, index: int, split: str = "train") -> tuple[tuple[Sce
 def render_pair(scenes: tuple[Scene, Scene], image_size: int = IMAGE_SIZE) -> Image.Image:
     """Both shapes over their shared background (the second drawn over the first where anti-aliased edges meet)."""
     first, second = scenes
-    arr = render_array(first, image_size)  # (H, W, 3)
-    cov = coverage(second, image_size)[..., None]  # (H, W, 1)
-    arr = (1 - cov) * arr + cov * np.asarray(PALETTE[second.colour], dtype=np.float32)
-    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="RGB")
+    return to_image(render_array(second, image_size, canvas=render_array(first, image_size)))
 
 
 def heldout_prompts(n: int = 200, seed: int = 0) -> list[tuple[str, Scene]]:
