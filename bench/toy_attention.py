@@ -4,7 +4,8 @@ In Stable Diffusion a word's cross-attention map lights up where that word is dr
 edits), so an adapter trained on "a sks dog" mostly changes the pixels that attend to "sks". This bench measures
 the same property on a toy base: it draws held-out captions, records each cross-attention layer's probabilities
 (conditional half of classifier-free guidance, averaged over heads and sampling steps), and compares, for each
-word, the mean attention it gets from pixels inside the shape's true mask with the mean from pixels outside.
+word, the mean attention it gets from pixels inside the shape as drawn (the probe's mask of the generated image)
+with the mean from pixels outside.
 
     python bench/toy_attention.py                              # the committed data/toy/base
     python bench/toy_attention.py --base outputs/toy_base_fullres/pipeline
@@ -25,26 +26,8 @@ import numpy as np
 import torch
 
 from customize.bench import single_thread_unless_set
-from customize.toy import experiments, quality, world
-
-
-class CrossAttentionRecorder:
-    """A diffusers attention processor that computes a layer's output with `inner` and, for cross-attention,
-    also keeps softmax(QK^T / sqrt(d)) of the conditional half of the batch, averaged over heads: (N, L)."""
-
-    def __init__(self, name: str, inner, store: dict):
-        self.name, self.inner, self.store = name, inner, store
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        if encoder_hidden_states is not None:
-            with torch.no_grad():
-                q = attn.head_to_batch_dim(attn.to_q(hidden_states))  # (B*h, N, d)
-                k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))  # (B*h, L, d)
-                probs = attn.get_attention_scores(q, k, None)  # (B*h, N, L)
-                b = hidden_states.shape[0]
-                probs = probs.reshape(b, attn.heads, *probs.shape[1:])[b // 2:].mean(1)  # (B/2, N, L) cond half
-                self.store.setdefault(self.name, []).append(probs)
-        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+from customize.toy import experiments, probes, quality, world
+from customize.toy.grounding import record_cross_attention
 
 
 def word_positions(tokenizer, prompt: str, words: list[str]) -> list[int]:
@@ -55,23 +38,24 @@ def word_positions(tokenizer, prompt: str, words: list[str]) -> list[int]:
 
 def locality(pipe, n: int = 16, seed: int = 0) -> dict[str, tuple[float, float]]:
     """{layer: (shape words' in/out ratio, background words' in/out ratio)}, geometric means over n prompts."""
-    from diffusers.models.attention_processor import AttnProcessor
-
     prompts = world.heldout_prompts(n, seed)
     store: dict[str, list[torch.Tensor]] = {}
-    before = dict(pipe.unet.attn_processors)
-    pipe.unet.set_attn_processor({name: CrossAttentionRecorder(name, AttnProcessor(), store) for name in before})
+    before = record_cross_attention(pipe.unet, store)
     try:
-        quality.sample(pipe, [p for p, _ in prompts], seeds=[seed + i for i in range(n)], batch_size=n)
+        images = quality.sample(pipe, [p for p, _ in prompts], seeds=[seed + i for i in range(n)], batch_size=n)
     finally:
         pipe.unet.set_attn_processor(before)  # the pipeline's own processors again
+    drawn = [r.mask for r in probes.read_all(images)]  # (32, 32) bool: the shape where the model put it
     out = {}
     for name, steps in store.items():
-        probs = torch.stack(steps).mean(0)  # (n, N, L): mean over sampling steps
+        # (n, N, L): the conditional half of each classifier-free-guidance batch, mean over sampling steps
+        probs = torch.stack([step[step.shape[0] // 2:] for step in steps]).mean(0)
         side = int(math.isqrt(probs.shape[1]))
         shape_r, bg_r = [], []
         for i, (prompt, scene) in enumerate(prompts):
-            mask = world.shape_mask(scene)  # (32, 32) bool
+            mask = drawn[i]
+            if not mask.any():
+                continue  # no shape drawn
             f = mask.shape[0] // side
             inside = torch.from_numpy(mask.reshape(side, f, side, f).mean(axis=(1, 3)) >= 0.5).flatten()  # (N,)
             if inside.all() or not inside.any():

@@ -10,7 +10,8 @@ Two methods for the shared engine (`customize.training.train`), run one after th
 2. `TextUNetStage` trains the CLIP text encoder and the UNet2DConditionModel jointly on cached latents with the
    shared denoising loss (`customize.training.sd.batch_loss`: Ho et al.'s L_simple, optional min-SNR weighting),
    dropping captions at `caption_dropout` so classifier-free guidance works, and saves the whole pipeline with
-   the shared pipeline writer (`customize.methods.dreambooth.save`).
+   the shared pipeline writer (`customize.methods.dreambooth.save`). With `grounding_loss_weight`, a token-grounding
+   loss on the cross-attention maps (`customize.toy.grounding`) teaches it to look for each word where it is drawn.
 
 The models are small on purpose (about 5 MB of fp32 weights in all): 32x32 images, a 2x VAE (16x16x4 latents),
 a 64-wide 3-layer text encoder, a (16, 32, 64) UNet with cross-attention at 8x8 and 4x4. The scheduler is SD's
@@ -93,6 +94,10 @@ class ToyBaseConfig(TrainConfig):
         "help": "Share of stage-2 examples with two shapes, each named with its colour and position "
                 "(world.pair_example). Tried at 0.3 to make cross-attention localise words; it did not "
                 "(bench/toy_attention.py, notes in customize/toy/experiments.py)."})
+    grounding_loss_weight: float = field(default=0.0, metadata={
+        "help": "Weight of the token-grounding loss (customize.toy.grounding): each caption word's cross-attention "
+                "is pulled into the region it names (the shape's words onto the shape's mask, the background's "
+                "onto the rest), so the base localises words as Stable Diffusion does. 0: off."})
     snr_gamma: float | None = field(default=5.0, metadata={"help": "min-SNR-gamma weighting of the denoising loss."})
     noise_offset: float = field(default=0.0, metadata={"help": "Noise offset scale (helps flat, saturated colours)."})
     zero_terminal_snr: bool = field(default=True, metadata={
@@ -116,6 +121,10 @@ class ToyBaseConfig(TrainConfig):
             raise ValueError(f"clutter_fraction must be in [0, 1), got {self.clutter_fraction}")
         if not 0.0 <= self.pair_fraction < 1.0:
             raise ValueError(f"pair_fraction must be in [0, 1), got {self.pair_fraction}")
+        if self.grounding_loss_weight < 0:
+            raise ValueError(f"grounding_loss_weight must be >= 0, got {self.grounding_loss_weight}")
+        if self.grounding_loss_weight and self.pair_fraction:
+            raise ValueError("grounding_loss_weight needs one shape per image; set pair_fraction to 0")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
 
@@ -131,14 +140,17 @@ class ToyImages(Dataset):
     an empty caption (VAE data only). With `crop_size`, a random crop of that size (drawn from python's
     `random`, which the engine seeds per example): the VAE is convolutional, and a 16-px crop costs a quarter of
     a whole image, so the VAE gets four times the optimizer steps for the same time. With `pair_fraction`, that
-    share of the (non-clutter) examples show two shapes (`world.pair_example`)."""
+    share of the (non-clutter) examples show two shapes (`world.pair_example`). With `masks`, each example also
+    has "shape_mask": (H, W), the share of each pixel the shape covers (for the grounding loss)."""
 
     def __init__(self, n: int, seed: int = 0, split: str = "train", clutter_fraction: float = 0.0,
-                 crop_size: int | None = None, pair_fraction: float = 0.0):
+                 crop_size: int | None = None, pair_fraction: float = 0.0, masks: bool = False):
         if crop_size is not None and not 0 < crop_size <= world.IMAGE_SIZE:
             raise ValueError(f"crop_size must be in (0, {world.IMAGE_SIZE}], got {crop_size}")
         self.n, self.seed, self.split, self.clutter_fraction, self.crop_size = n, seed, split, clutter_fraction, crop_size
-        self.pair_fraction = pair_fraction
+        self.pair_fraction, self.masks = pair_fraction, masks
+        if masks and (clutter_fraction or pair_fraction or crop_size):
+            raise ValueError("shape masks are for whole single-shape scenes (no clutter, pairs or crops)")
 
     def __len__(self) -> int:
         return self.n
@@ -155,6 +167,8 @@ class ToyImages(Dataset):
         else:
             scene, text = world.base_example(self.seed, i, self.split)
             pixels = pil_to_tensor(world.render(scene))  # (3, H, W)
+            if self.masks:
+                return {"pixel_values": pixels, "text": text, "shape_mask": torch.from_numpy(world.coverage(scene))}
         if self.crop_size is not None:
             top, left = (random.randrange(world.IMAGE_SIZE - self.crop_size + 1) for _ in range(2))
             pixels = pixels[:, top:top + self.crop_size, left:left + self.crop_size]  # (3, crop, crop)
@@ -290,6 +304,9 @@ class TextUNetStage:
 
     def __init__(self, tokenizer, pipeline_dir: str | Path):
         self.tokenizer, self.pipeline_dir = tokenizer, Path(pipeline_dir)
+        self.attention: dict[str, list[torch.Tensor]] = {}  # cross-attention maps of the current step (grounding)
+        self.timesteps: torch.Tensor | None = None
+        self._processors = None
 
     def trainable_parameters(self, pipe, cfg: ToyBaseConfig):
         pipe.vae.requires_grad_(False).eval()
@@ -311,18 +328,43 @@ class TextUNetStage:
                 dataset, lambda b: {"latent_moments": sd.image_moments(vae, b["pixel_values"])},
                 batch_size=256, seed=cfg.data_seed, collate=collate_examples,
             )
+        if cfg.grounding_loss_weight:
+            from customize.toy.grounding import record_cross_attention
+
+            self._processors = record_cross_attention(pipe.unet, self.attention)
+            pipe.unet.register_forward_pre_hook(self._keep_timesteps)
         return CaptionDropout(dataset, cfg.caption_dropout)
+
+    def _keep_timesteps(self, unet, args):
+        self.timesteps = args[1]
 
     def collate(self, examples):
         batch = collate_examples(examples)
+        texts = batch.pop("text")
         batch["input_ids"] = [self.tokenizer(
-            batch.pop("text"), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
             return_tensors="pt",
         ).input_ids]  # one (B, L) tensor per tokenizer, as sd.encode_tokens takes them
+        if "shape_mask" in batch:
+            from customize.toy.grounding import word_regions
+
+            length = self.tokenizer.model_max_length
+            batch["token_regions"] = torch.stack([word_regions(t, length) for t in texts])  # (B, L)
         return batch
 
     def loss(self, pipe, batch, cfg: ToyBaseConfig):
-        return sd.batch_loss(pipe, batch, cfg)
+        if not cfg.grounding_loss_weight:
+            return sd.batch_loss(pipe, batch, cfg)
+        from customize.toy.grounding import grounding_loss
+
+        self.attention.clear()
+        out = sd.batch_loss(pipe, batch, cfg)
+        scheduler = sd.training_scheduler(pipe)
+        alpha_bar = scheduler.alphas_cumprod.to(self.timesteps.device)[self.timesteps]  # (B,)
+        probs = [maps[-1] for maps in self.attention.values()]  # (B, N, L) per cross-attention layer
+        ground = grounding_loss(probs, batch["shape_mask"], batch["token_regions"], alpha_bar.sqrt())
+        self.attention.clear()
+        return {**out, "loss": out["loss"] + cfg.grounding_loss_weight * ground, "grounding": ground.detach()}
 
     def validate(self, pipe, cfg: ToyBaseConfig, step: int):
         from customize.toy.quality import sample
@@ -337,6 +379,8 @@ class TextUNetStage:
         from customize.methods import dreambooth
         from customize.training.tracking import write_model_card
 
+        if self._processors is not None:  # the recorders out, the UNet's own processors back
+            pipe.unet.set_attn_processor(self._processors)
         dreambooth.save(pipe, cfg, self.pipeline_dir)
         write_clip_vocab_files(pipe.tokenizer, self.pipeline_dir / "tokenizer")
         write_model_card(MODEL_CARD.format(
@@ -413,7 +457,8 @@ def train_toy_base(cfg: ToyBaseConfig) -> ToyBaseResult:
     pipe = new_pipeline(vae, tokenizer, cfg.seed, cfg.zero_terminal_snr, cfg.attention_at_full_res)
     unet_cfg = replace(cfg, output_dir=str(out / "stage2-unet"), max_train_steps=cfg.unet_train_steps,
                        learning_rate=cfg.unet_learning_rate)
-    data = ToyImages(cfg.num_train_images, cfg.data_seed, pair_fraction=cfg.pair_fraction)
+    data = ToyImages(cfg.num_train_images, cfg.data_seed, pair_fraction=cfg.pair_fraction,
+                     masks=bool(cfg.grounding_loss_weight))
     result = train(TextUNetStage(tokenizer, pipeline_dir), pipe, data, unet_cfg)
     final["unet"] = result.losses[-1]
     seconds["total"] = time.perf_counter() - start
