@@ -10,8 +10,9 @@ with the mean from pixels outside.
     python bench/toy_attention.py                              # the committed data/toy/base
     python bench/toy_attention.py --base outputs/toy_base_fullres/pipeline
 
-Columns: in/out ratio of the shape's words (colour and shape name; above 1 = attended on the shape) and of the
-background words (background colour and "background"; below 1 = attended off the shape), per layer, geometric
+Columns: in/out ratio of the shape's words (size, colour and shape name; above 1 = attended on the shape) and of
+the background words (background colour and "background"; below 1 = attended off the shape): the words
+`customize.toy.grounding.word_regions` grounds. Per cross-attention layer, geometric
 mean over the prompts. 1.00 everywhere means the layer reads the prompt as one pooled vector.
 """
 
@@ -27,13 +28,7 @@ import torch
 
 from customize.bench import single_thread_unless_set
 from customize.toy import experiments, probes, quality, world
-from customize.toy.grounding import record_cross_attention
-
-
-def word_positions(tokenizer, prompt: str, words: list[str]) -> list[int]:
-    """Token positions (with the start token at 0) of the given words, each a single token in the toy vocabulary."""
-    tokens = tokenizer.convert_ids_to_tokens(tokenizer(prompt).input_ids)
-    return [i for i, t in enumerate(tokens) if t.removesuffix("</w>") in words]
+from customize.toy.grounding import BACKGROUND, SHAPE, record_cross_attention, word_regions
 
 
 def locality(pipe, n: int = 16, seed: int = 0) -> dict[str, tuple[float, float]]:
@@ -52,7 +47,7 @@ def locality(pipe, n: int = 16, seed: int = 0) -> dict[str, tuple[float, float]]
         probs = torch.stack([step[step.shape[0] // 2:] for step in steps]).mean(0)
         side = int(math.isqrt(probs.shape[1]))
         shape_r, bg_r = [], []
-        for i, (prompt, scene) in enumerate(prompts):
+        for i, (prompt, _) in enumerate(prompts):
             mask = drawn[i]
             if not mask.any():
                 continue  # no shape drawn
@@ -62,11 +57,9 @@ def locality(pipe, n: int = 16, seed: int = 0) -> dict[str, tuple[float, float]]
                 continue
             p = probs[i]  # (N, L)
             ratio = p[inside].mean(0) / p[~inside].mean(0)  # (L,)
-            fg = word_positions(pipe.tokenizer, prompt, [scene.colour, scene.shape])
-            bg = [i for i in word_positions(pipe.tokenizer, prompt, [scene.background, "background"])
-                  if i > max(fg)]  # the background colour after the shape's words
-            shape_r.append(float(ratio[fg].mean()))
-            bg_r.append(float(ratio[bg].mean()))
+            regions = word_regions(prompt, p.shape[1])  # (L,) the words the grounding loss would ground
+            shape_r.append(float(ratio[regions == SHAPE].mean()))
+            bg_r.append(float(ratio[regions == BACKGROUND].mean()))
         if shape_r:
             out[name.removesuffix(".processor")] = (float(np.exp(np.mean(np.log(shape_r)))),
                                                     float(np.exp(np.mean(np.log(bg_r)))))
@@ -84,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = locality(pipe, a.n, a.seed)
     print(f"{'cross-attention layer':<58}{'shape words':>12}{'background':>12}")
     for name, (fg, bg) in rows.items():
-        if "attn2" in name:
-            print(f"{name:<58}{fg:>12.2f}{bg:>12.2f}")
+        print(f"{name:<58}{fg:>12.2f}{bg:>12.2f}")
     return 0
 
 

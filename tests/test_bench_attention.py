@@ -1,10 +1,11 @@
-"""bench/toy_attention.py: it finds the words of a scene in the toy tokenizer's tokens (the recording processor
-it uses is tested in tests/test_toy_grounding.py)."""
+"""bench/toy_attention.py: one in/out ratio pair per cross-attention layer, the pipeline left as it was (the
+recording processor and the word regions it uses are tested in tests/test_toy_grounding.py)."""
 
 import importlib.util
 from pathlib import Path
 
 import pytest
+
 from customize.toy import experiments
 
 pytestmark = pytest.mark.skipif(not experiments.base_available(), reason="no toy base model in data/toy/base")
@@ -18,9 +19,17 @@ def _bench():
     return module
 
 
-def test_word_positions_find_the_scene_words():
+def test_locality_reports_every_cross_attention_layer_and_restores_the_processors():
+    import math
+
+    import torch
+
     bench = _bench()
+    torch.set_num_threads(1)
     pipe = experiments.load_base()
-    prompt = "a large red circle at the top left on a blue background"
-    assert bench.word_positions(pipe.tokenizer, prompt, ["red", "circle"]) == [3, 4]
-    assert bench.word_positions(pipe.tokenizer, prompt, ["blue", "background"]) == [11, 12]
+    before = {name: type(p) for name, p in pipe.unet.attn_processors.items()}
+    rows = bench.locality(pipe, n=4)
+    layers = sorted(n.removesuffix(".processor") for n in before if ".attn2." in n)
+    assert sorted(rows) == layers  # one row per cross-attention layer, no self-attention
+    assert all(math.isfinite(a) and a > 0 and math.isfinite(b) and b > 0 for a, b in rows.values())
+    assert {name: type(p) for name, p in pipe.unet.attn_processors.items()} == before

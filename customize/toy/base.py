@@ -306,7 +306,7 @@ class TextUNetStage:
         self.tokenizer, self.pipeline_dir = tokenizer, Path(pipeline_dir)
         self.attention: dict[str, list[torch.Tensor]] = {}  # cross-attention maps of the current step (grounding)
         self.timesteps: torch.Tensor | None = None
-        self._processors = None
+        self._processors = self._timestep_hook = None  # what prepare installs for the grounding loss
 
     def trainable_parameters(self, pipe, cfg: ToyBaseConfig):
         pipe.vae.requires_grad_(False).eval()
@@ -332,7 +332,7 @@ class TextUNetStage:
             from customize.toy.grounding import record_cross_attention
 
             self._processors = record_cross_attention(pipe.unet, self.attention)
-            pipe.unet.register_forward_pre_hook(self._keep_timesteps)
+            self._timestep_hook = pipe.unet.register_forward_pre_hook(self._keep_timesteps)
         return CaptionDropout(dataset, cfg.caption_dropout)
 
     def _keep_timesteps(self, unet, args):
@@ -379,8 +379,9 @@ class TextUNetStage:
         from customize.methods import dreambooth
         from customize.training.tracking import write_model_card
 
-        if self._processors is not None:  # the recorders out, the UNet's own processors back
+        if self._processors is not None:  # the recorders and the hook out, the UNet's own processors back
             pipe.unet.set_attn_processor(self._processors)
+            self._timestep_hook.remove()
         dreambooth.save(pipe, cfg, self.pipeline_dir)
         write_clip_vocab_files(pipe.tokenizer, self.pipeline_dir / "tokenizer")
         write_model_card(MODEL_CARD.format(

@@ -111,9 +111,9 @@ def _run(method, cfg, base, build_dataset=None, prompt_for=None) -> Run:
 # green alone (7/8). Green is the unseen background whose VAE latent lies nearest an instance one (1.9 from yellow;
 # red, blue, black 2.8-3.1): the fine-tune carries over to backgrounds that look alike in latent space.
 # bench/toy_attention.py shows why none of these bases separates them: its words' cross-attention is close to uniform
-# over the image (shape words 0.8-2.6x as much on the drawn shape as off it, background words 0.8-1.1x), so "sks" is
+# over the image (shape words 0.9-2.0x as much on the drawn shape as off it, background words 0.8-1.1x), so "sks" is
 # read as part of one pooled prompt vector. A base trained with the token-grounding loss (--grounding_loss_weight 0.1,
-# customize.toy.grounding; 37 min) localises (shape words >1000x, background words 0.00-0.17x; base 100/100/100%):
+# customize.toy.grounding; 37 min) localises (shape words >800x, background words 0.00-0.17x; base 100/100/100%):
 # there the default LoRA gives subject / prompt 50% / 97% (green 8/8, blue 5/8, red 2/8, black 0/8 subject on the asked
 # background), all-linear 1000 steps 56% / 50%, 1500 steps 53% / 66%, text-encoder LoRA 50% / 94%, rank 8 / 32
 # 47% / 100%, 62% / 56%, prior preservation 0% / 100%. Subject shown on white + black instead (unseen: red, green,

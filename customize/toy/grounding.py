@@ -3,7 +3,7 @@ loss that teaches a toy base model to localise its words.
 
 In Stable Diffusion a word's cross-attention map lights up where the word is drawn (what Prompt-to-Prompt edits,
 and what lets an adapter trained on "a sks dog" change mostly the dog's pixels). A toy base trained on the
-denoising loss alone does not learn that (bench/toy_attention.py: every word gets 0.85-1.3x as much attention on
+denoising loss alone does not learn that (bench/toy_attention.py: the shape's words get 0.9-2.0x as much attention on
 the shape as off it): one flat shape on a flat background can be drawn from the prompt read as one pooled vector.
 The toy world knows every shape's mask, so the base can be told where its words are, as TokenCompose (Wang et
 al. 2024) does for Stable Diffusion with segmentation masks. For a caption word w grounded to region R (the
