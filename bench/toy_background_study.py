@@ -4,13 +4,15 @@ showed, with and without prior preservation.
 
     python bench/toy_background_study.py                    # every variant (about 12 minutes, 1 thread)
     python bench/toy_background_study.py --variants defaults,prior-all-backgrounds
+    python bench/toy_background_study.py --variants defaults --train_seeds 0-7   # how much a run varies
 
-Columns (shares of generated images, probe-read, 8 seeds per background):
+Columns (shares of generated images, probe-read, 16 sampling seeds per background):
   seen subject    subject drawn for "a sks shape on a <bg> background", bg in the instance backgrounds
   unseen subject  the same for the other backgrounds; unseen prompt: the background asked for is drawn
   class subject   the subject drawn for the class prompt "a shape on a white background" (the identifier unused)
 The figure that decides point 2 is unseen subject and unseen prompt together (both >= 70% wanted). Under each
-row, per background (* = an instance background): images showing the subject on the background asked for.
+row, per background (* = an instance background): images showing the subject on the background asked for. With
+several training seeds, one row per seed and their mean.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ VARIANTS = {
 }
 
 
-def score(pipe, seeds_per_prompt: int = 8, seed: int = 0) -> dict:
+def score(pipe, seeds_per_prompt: int = 16, seed: int = 0) -> dict:
     """The columns above, plus "per background": {bg: (images with the subject on the background asked for,
     images)} for every background, seen or not."""
     cases = [(world.SUBJECT.prompt(bg), bg) for bg in ALL for _ in range(seeds_per_prompt)]
@@ -62,21 +64,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", default=str(experiments.BASE_DIR),
                    help="toy base model folder (default: the committed one; e.g. one trained with "
                         "recipes/train_toy_base.py --attention_at_full_res true)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train_seeds", default="0", type=seed_list,
+                   help="training seeds, e.g. 0 or 0,3 or 0-7 (sampling seeds stay the same)")
+    p.add_argument("--seeds_per_prompt", type=int, default=16, help="images per background")
     a = p.parse_args(argv)
     names = pick(a.variants, VARIANTS, "variant")
     single_thread_unless_set()
     columns = ("seen subject", "unseen subject", "unseen prompt", "class subject")
-    print(f"{'variant':<34}" + "".join(f"{c:>16}" for c in columns) + f"{'train s':>9}")
+    print(f"{'variant':<34}{'seed':>5}" + "".join(f"{c:>16}" for c in columns) + f"{'train s':>9}")
     for name in names:
-        start = time.perf_counter()
-        run = experiments.dreambooth_lora(Path(a.output_dir) / name, base=a.base, seed=a.seed, **VARIANTS[name])
-        scores = score(run.pipe, seed=a.seed)
-        print(f"{name:<34}" + "".join(f"{scores[c]:>16.0%}" for c in columns) + f"{run.seconds:>9.0f}", flush=True)
-        cells = (f"{bg}{'*' if bg in SEEN else ''} {k}/{n}" for bg, (k, n) in scores["per background"].items())
-        print(f"{'':<4}subject on the background asked for: " + ", ".join(cells), flush=True)
-        print(f"[{name}: {time.perf_counter() - start:.0f} s]", file=sys.stderr)
+        rows = []
+        for seed in a.train_seeds:
+            start = time.perf_counter()
+            run = experiments.dreambooth_lora(Path(a.output_dir) / f"{name}-seed{seed}", base=a.base, seed=seed,
+                                              **VARIANTS[name])
+            scores = score(run.pipe, a.seeds_per_prompt)
+            rows.append(scores)
+            print(f"{name:<34}{seed:>5}" + "".join(f"{scores[c]:>16.0%}" for c in columns) + f"{run.seconds:>9.0f}",
+                  flush=True)
+            cells = (f"{bg}{'*' if bg in SEEN else ''} {k}/{n}" for bg, (k, n) in scores["per background"].items())
+            print(f"{'':<4}subject on the background asked for: " + ", ".join(cells), flush=True)
+            print(f"[{name}, seed {seed}: {time.perf_counter() - start:.0f} s]", file=sys.stderr)
+        if len(rows) > 1:
+            print(f"{name:<34}{'mean':>5}" + "".join(f"{sum(r[c] for r in rows) / len(rows):>16.0%}" for c in columns)
+                  + "\n" + f"{'':<4}unseen subject, lowest seed: {min(r['unseen subject'] for r in rows):.0%}", flush=True)
     return 0
+
+
+def seed_list(text: str) -> list[int]:
+    """'0' -> [0]; '0,3' -> [0, 3]; '0-7' -> [0, ..., 7]."""
+    seeds = []
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            seeds += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a seed list: {text!r} (use e.g. 0 or 0,3 or 0-7)") from None
+    return seeds
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from customize.bench import pick, single_thread_unless_set
-from customize.toy import experiments, quality
+from customize.toy import experiments, quality, world
 
 COLUMNS = (
     ("trained", "trained params"), ("seconds", "train s"), ("colour", "colour"), ("shape", "shape"),
@@ -40,7 +40,7 @@ class Context:
     output_dir: Path
     base: Path = experiments.BASE_DIR
     n_prompts: int = 200  # held-out captions for the base-accuracy columns
-    seeds_per_prompt: int = 8  # images per subject prompt (4 unseen backgrounds)
+    seeds_per_prompt: int = 16  # images per subject prompt (3 unseen backgrounds: 48 images)
     n_class: int = 48  # class-prompt images for the drift column
     n_style: int = 48  # style prompts
     seed: int = 0
@@ -90,14 +90,19 @@ def _subject_row(name: str, train: Callable, ctx: Context, **options) -> dict:
             **subject.scores}
 
 
+# Prior preservation as the instance images are captioned: class images "a shape on a <bg> background" on every
+# base background (the instance captions without the identifier), so the class prompt the drift column asks is
+# the one the prior loss keeps.
+PRIOR = {"with_prior": True, "class_backgrounds": world.BASE_COLOURS}
 # Subject rows: (name, runner in customize.toy.experiments, its options); same images, prompts and seeds.
 SUBJECT_ROWS = (
-    ("dreambooth-lora", "dreambooth_lora", {"with_prior": False}),
-    ("dreambooth-lora+prior", "dreambooth_lora", {"with_prior": True}),
-    ("dreambooth", "dreambooth_full", {"with_prior": False}),
-    ("dreambooth+prior", "dreambooth_full", {"with_prior": True}),
+    ("dreambooth-lora", "dreambooth_lora", {}),
+    ("dreambooth-lora+prior", "dreambooth_lora", PRIOR),
+    ("dreambooth", "dreambooth_full", {}),
+    ("dreambooth+prior", "dreambooth_full", PRIOR),
     ("textual-inversion", "textual_inversion", {}),
     ("pivotal", "pivotal", {}),
+    ("pivotal+prior", "pivotal", PRIOR),
 )
 for _name, _runner, _options in SUBJECT_ROWS:
     row(_name)(lambda ctx, name=_name, runner=_runner, options=_options:
@@ -142,6 +147,8 @@ def paper_ordering(results: dict[str, dict]) -> str | None:
         holds = [a[k] > b[k] for k in ("subject_fidelity", "prompt_fidelity")]
         verdict = "holds" if all(holds) else ("holds for subject fidelity only" if holds[0] else
                                               "holds for prompt fidelity only" if holds[1] else "does not hold")
+        if not holds[1] and a["prompt_fidelity"] == b["prompt_fidelity"]:
+            verdict += " (prompt fidelity tied)"
         lines.append(f"paper's ordering ({db} above textual inversion on both fidelities) {verdict}: subject "
                      f"{a['subject_fidelity']:.0%} vs {b['subject_fidelity']:.0%}, prompt {a['prompt_fidelity']:.0%} vs "
                      f"{b['prompt_fidelity']:.0%}")
@@ -169,11 +176,13 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         results[name] = ROWS[name](ctx)
         print(f"[{name}: {time.perf_counter() - start:.0f} s]", file=sys.stderr)
-    print(format_table(results))
-    if "dreambooth-lora" in results and "dreambooth-lora+prior" in results:
-        without, with_ = results["dreambooth-lora"]["class_drift"], results["dreambooth-lora+prior"]["class_drift"]
-        print(f"\nprior preservation (LoRA): class drift {without:.0%} -> {with_:.0%}"
-              + (f" ({with_ / without:.2f}x)" if without else ""))
+    print(format_table(results) + "\n")
+    for name in ("dreambooth-lora", "dreambooth", "pivotal"):
+        if name in results and f"{name}+prior" in results:
+            without, with_ = results[name], results[f"{name}+prior"]
+            ratio = f" ({with_['class_drift'] / without['class_drift']:.2f}x)" if without["class_drift"] else ""
+            print(f"prior preservation ({name}): class drift {without['class_drift']:.0%} -> {with_['class_drift']:.0%}"
+                  f"{ratio}, subject fidelity {without['subject_fidelity']:.0%} -> {with_['subject_fidelity']:.0%}")
     ordering = paper_ordering(results)
     if ordering:
         print(ordering)

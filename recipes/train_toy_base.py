@@ -4,8 +4,8 @@ stage 1 the VAE, stage 2 the CLIP text encoder and the UNet; then save a StableD
     python recipes/train_toy_base.py --output_dir outputs/toy_base --pipeline_dir data/toy/base
 
 About 40 minutes on two idle CPU cores with the defaults (VAE 4 min; text encoder + UNet 5500 steps of batch 64
-at about 2.5-3 steps/s); a busy machine is better served by OMP_NUM_THREADS=1 (spinning OpenMP threads cost
-more than they give on tiny tensors); minutes on a GPU. `--help` lists every option.
+with the token-grounding loss, 37 min at about 3 steps/s); a busy machine is better served by OMP_NUM_THREADS=1
+(spinning OpenMP threads cost more than they give on tiny tensors); minutes on a GPU. `--help` lists every option.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ def _bench():
     return module
 
 
-def test_locality_reports_every_cross_attention_layer_and_restores_the_processors():
+def test_committed_base_localises_words_in_every_cross_attention_layer_and_processors_are_restored():
     import math
 
     import torch
@@ -31,5 +31,8 @@ def test_locality_reports_every_cross_attention_layer_and_restores_the_processor
     rows = bench.locality(pipe, n=4)
     layers = sorted(n.removesuffix(".processor") for n in before if ".attn2." in n)
     assert sorted(rows) == layers  # one row per cross-attention layer, no self-attention
-    assert all(math.isfinite(a) and a > 0 and math.isfinite(b) and b > 0 for a, b in rows.values())
+    assert all(math.isfinite(a) and math.isfinite(b) and b >= 0 for a, b in rows.values())
+    # the committed base was trained with the grounding loss: in every layer the shape's words look at the shape
+    # (hundreds of times more than off it) and the background's words away from it
+    assert all(a > 10 and b < 0.5 for a, b in rows.values()), rows
     assert {name: type(p) for name, p in pipe.unet.attn_processors.items()} == before

@@ -120,7 +120,8 @@ def test_toy_base_step_adds_the_weighted_grounding_loss_and_saves_without_record
     torch.manual_seed(0)
     with_grounding = stage.loss(pipe, batch, cfg)
     torch.manual_seed(0)  # the same noise and timesteps: the denoising part is the same
-    off = stage.loss(pipe, batch, toy_base.ToyBaseConfig(output_dir=str(tmp_path), cache_latents=False))
+    off = stage.loss(pipe, batch, toy_base.ToyBaseConfig(output_dir=str(tmp_path), cache_latents=False,
+                                                          grounding_loss_weight=0.0))
     assert 0 < with_grounding["grounding"] < 1
     torch.testing.assert_close(with_grounding["loss"], off["loss"] + 0.5 * with_grounding["grounding"])
     with_grounding["loss"].backward()

@@ -4,8 +4,6 @@ Sizes are cut to keep this file near 5 minutes on a 2-core CPU (the full numbers
 bench/toy_quality.py): the base model is scored on the full 200 held-out captions, the LoRA runs use the
 default settings and fewer evaluation seeds."""
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -15,7 +13,7 @@ from customize.toy import experiments, probes, quality, world
 pytestmark = pytest.mark.skipif(not experiments.base_available(), reason="no toy base model in data/toy/base")
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")  # module scope: set up before the module's training fixtures
 def _one_thread():
     # Tiny tensors: a second thread only spins while the other core is busy.
     threads = torch.get_num_threads()
@@ -64,30 +62,39 @@ def test_probe_agrees_with_itself_on_a_generated_image(base_pipe):
     assert a.found and 0.1 < a.mask.mean() < 0.6
 
 
+# Prior preservation as bench/toy_quality.py runs it: class images "a shape on a <bg> background", every background.
+PRIOR = {"with_prior": True, "class_backgrounds": world.BASE_COLOURS}
+
+
 @pytest.fixture(scope="module")
 def lora_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy-lora")
-    return {prior: experiments.dreambooth_lora(out / f"prior-{prior}", with_prior=prior) for prior in (False, True)}
+    return {False: experiments.dreambooth_lora(out / "lora"), True: experiments.dreambooth_lora(out / "prior", **PRIOR)}
 
 
 def test_dreambooth_lora_learns_the_subject_on_unseen_backgrounds(lora_runs, base_pipe):
-    """Acceptance 2, subject half: the LoRA draws the subject (its shape AND colour, never seen by the base) when
-    asked for it on backgrounds the 5 images never showed, within the CPU time budget. (Prompt fidelity, the
-    other half, is measured by bench/toy_quality.py and is below the 70% target; see the issue note.)"""
+    """Acceptance 2: the LoRA draws the subject (its shape AND colour, never seen by the base) on the backgrounds
+    the 5 images never showed, and draws the background asked for, within the CPU time budget (12 images here;
+    the bench measures 48 per training seed)."""
     run = lora_runs[False]
     assert run.seconds < 300
     assert quality.subject_scores(base_pipe, seeds_per_prompt=4).scores["subject_fidelity"] == 0.0
     scores = quality.subject_scores(run.pipe, seeds_per_prompt=4).scores
-    assert scores["subject_fidelity"] >= 0.5, scores  # 16 images; the bench (32 images) measures 78%
+    assert scores["subject_fidelity"] >= 0.7 and scores["prompt_fidelity"] >= 0.7, scores
 
 
-def test_prior_preservation_reduces_class_drift(lora_runs):
-    """Acceptance 3: without prior preservation the class prompt drifts to the subject; with it, much less
-    (bench/toy_quality.py measures the ratio on more images)."""
+def test_prior_preservation_reduces_class_drift(lora_runs, tmp_path):
+    """Acceptance 3: without prior preservation the class prompt drifts to the subject; with it, the drift is at
+    least halved. With the identifier as a trained word (pivotal tuning) the prior keeps the class and the subject
+    is still learned (bench/toy_quality.py measures every method on more images)."""
     without = quality.class_drift(lora_runs[False].pipe, n=24).scores["class_drift"]
     with_prior = quality.class_drift(lora_runs[True].pipe, n=24).scores["class_drift"]
     assert without >= 0.5, without  # the drift is real
-    assert with_prior <= 0.6 * without, (without, with_prior)
+    assert with_prior <= 0.5 * without, (without, with_prior)
+    run = experiments.pivotal(tmp_path / "pivotal-prior", **PRIOR)
+    assert quality.class_drift(run.pipe, n=24).scores["class_drift"] <= 0.5 * without
+    scores = quality.subject_scores(run.pipe, seeds_per_prompt=4, prompt_for=run.prompt_for).scores
+    assert scores["subject_fidelity"] >= 0.7 and scores["prompt_fidelity"] >= 0.7, scores
 
 
 def test_textual_inversion_cannot_draw_what_the_base_cannot(tmp_path, lora_runs):

@@ -10,8 +10,9 @@ Two methods for the shared engine (`customize.training.train`), run one after th
 2. `TextUNetStage` trains the CLIP text encoder and the UNet2DConditionModel jointly on cached latents with the
    shared denoising loss (`customize.training.sd.batch_loss`: Ho et al.'s L_simple, optional min-SNR weighting),
    dropping captions at `caption_dropout` so classifier-free guidance works, and saves the whole pipeline with
-   the shared pipeline writer (`customize.methods.dreambooth.save`). With `grounding_loss_weight`, a token-grounding
-   loss on the cross-attention maps (`customize.toy.grounding`) teaches it to look for each word where it is drawn.
+   the shared pipeline writer (`customize.methods.dreambooth.save`). A token-grounding loss on the cross-attention
+   maps (`customize.toy.grounding`, `grounding_loss_weight` 0.1) teaches it to look for each word where it is
+   drawn, as Stable Diffusion's own maps do; without it a DreamBooth subject cannot be moved to new backgrounds.
 
 The models are small on purpose (about 5 MB of fp32 weights in all): 32x32 images, a 2x VAE (16x16x4 latents),
 a 64-wide 3-layer text encoder, a (16, 32, 64) UNet with cross-attention at 8x8 and 4x4. The scheduler is SD's
@@ -94,10 +95,11 @@ class ToyBaseConfig(TrainConfig):
         "help": "Share of stage-2 examples with two shapes, each named with its colour and position "
                 "(world.pair_example). Tried at 0.3 to make cross-attention localise words; it did not "
                 "(bench/toy_attention.py, notes in customize/toy/experiments.py)."})
-    grounding_loss_weight: float = field(default=0.0, metadata={
+    grounding_loss_weight: float = field(default=0.1, metadata={
         "help": "Weight of the token-grounding loss (customize.toy.grounding): each caption word's cross-attention "
                 "is pulled into the region it names (the shape's words onto the shape's mask, the background's "
-                "onto the rest), so the base localises words as Stable Diffusion does. 0: off."})
+                "onto the rest), so the base localises words as Stable Diffusion does. Without it (0) the base reads "
+                "its prompt as one pooled vector and a DreamBooth-LoRA binds the subject to its backgrounds."})
     snr_gamma: float | None = field(default=5.0, metadata={"help": "min-SNR-gamma weighting of the denoising loss."})
     noise_offset: float = field(default=0.0, metadata={"help": "Noise offset scale (helps flat, saturated colours)."})
     zero_terminal_snr: bool = field(default=True, metadata={
@@ -124,7 +126,8 @@ class ToyBaseConfig(TrainConfig):
         if self.grounding_loss_weight < 0:
             raise ValueError(f"grounding_loss_weight must be >= 0, got {self.grounding_loss_weight}")
         if self.grounding_loss_weight and self.pair_fraction:
-            raise ValueError("grounding_loss_weight needs one shape per image; set pair_fraction to 0")
+            raise ValueError("the grounding loss needs one shape per image: set pair_fraction to 0, or "
+                             "grounding_loss_weight to 0 to train with two-shape scenes")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
 
@@ -388,6 +391,8 @@ class TextUNetStage:
             vae_steps=cfg.vae_train_steps, unet_steps=cfg.unet_train_steps, batch=cfg.train_batch_size,
             n=cfg.num_train_images, held=len(world.HELD_OUT_COMBOS), subject=world.SUBJECT, style=world.STYLE,
             dropout=round(100 * cfg.caption_dropout),
+            grounding=(f", token-grounding loss on the cross-attention maps at weight {cfg.grounding_loss_weight:g}"
+                       if cfg.grounding_loss_weight else ""),
         ), self.pipeline_dir)
 
 
@@ -400,7 +405,7 @@ flat shape (circle, square, triangle; six colours; two sizes; five positions) on
 - Scheduler: SD 1.x's scaled_linear betas rescaled to zero terminal SNR, v-prediction (as SD 2.x), trailing
   DDIM timesteps.
 - VAE: {vae_steps} steps on world scenes and generic clutter; text encoder + UNet: {unet_steps} steps of batch
-  {batch} on {n} captioned scenes (latents cached, {dropout}% empty captions for classifier-free guidance).
+  {batch} on {n} captioned scenes (latents cached, {dropout}% empty captions for classifier-free guidance){grounding}.
 - Never shown to the text encoder or UNet: the subject ({subject.colour} {subject.shape}, identifier
   "{subject.identifier}", class word "{subject.class_word}"), the style ({style.name}, identifier
   "{style.identifier}"), and {held} held-out (colour, shape, background) combinations.

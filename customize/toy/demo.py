@@ -1,8 +1,8 @@
 """`customize demo toy`: DreamBooth-LoRA teaches the tiny toy model a subject it has never seen, on a CPU in
 a few minutes, and the world's probes score the result.
 
-1. The 5 subject images in data/toy/subject: a magenta plus-shaped cross ("sks shape") on white and yellow.
-2. A LoRA (rank 8, attention projections of the UNet) trains on them through the shared engine.
+1. The 5 subject images in data/toy/subject: a magenta plus-shaped cross ("sks shape") on white, black and yellow.
+2. A LoRA (rank 16 on the UNet's attention projections and convolutions) trains on them through the shared engine.
 3. "a sks shape on a <colour> background" is drawn for three backgrounds the subject images never showed,
    by the base model and by the base model + LoRA, from the same seeds.
 4. Subject fidelity (the probe sees the subject's shape and colour) and prompt fidelity (the background asked
@@ -48,8 +48,10 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     unseen = [bg for bg in DEMO_BACKGROUNDS if bg in world.SUBJECT.unseen_backgrounds]
+    *others, last = world.SUBJECT.instance_backgrounds
+    shown = f"{', '.join(others)} and {last}" if others else last
     print(f"subject: {world.SUBJECT.colour} {world.SUBJECT.shape} as {world.SUBJECT.instance_prompt!r}, shown only on "
-          f"{' and '.join(world.SUBJECT.instance_backgrounds)}; asking for it on {', '.join(unseen)}")
+          f"{shown}; asking for it on {', '.join(unseen)}")
     run = experiments.dreambooth_lora(Path(a.output_dir) / "lora", progress=True, seed=a.seed,
                                       max_train_steps=a.steps, rank=a.rank)
     print(f"LoRA: {run.trained_parameters:,} trained parameters, {run.seconds:.0f} s "

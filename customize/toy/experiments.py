@@ -75,54 +75,34 @@ def _run(method, cfg, base, build_dataset=None, prompt_for=None) -> Run:
     return Run(pipe, seconds, trained, cfg.output_dir, list(result.losses), prompt_for or (lambda prompt: prompt))
 
 
-# Settings measured on the toy model (bench/toy_quality.py, 16 images per setting). The toy UNet has no attention
-# at 16x16, where the cross's thin arms and the stripes are drawn, so an attention-only LoRA cannot reach them
-# (rank 8, 300 steps: subject fidelity 0%, style 17%); adapting the ResNet convolutions too does (subject 88%,
-# style 67%). Stronger settings trade prompt fidelity for subject fidelity: rank 16 / 3e-3 / 600 steps with the
-# text-encoder LoRA gave subject 100% but prompt 25%; without prior preservation every setting tried kept the
-# instance images' white background for most unseen-background prompts.
-# With prior preservation the subject is learned but only together with the instance backgrounds: after an
-# all-linear LoRA (1000 steps) with class images captioned "a shape on a <bg> background", "a sks shape on a white
-# background" gives the subject in 15/16 images and "a sks shape on a red background" in 0/16 (a red background with
-# a class shape). No variant tried separated the two (32 images each, subject / prompt fidelity): prior weight 0.3
-# 0% / 100%; text-encoder LoRA 3% / 50%; cross-attention K/V only (Custom Diffusion) 0% / 100%; loss masked to the
-# subject 3% / 100% (9% / 100% on captions "a sks shape on a <bg> background" alone); instance images on three
-# backgrounds 0% / 100%, on white + black 0% / 94%. Without the prior the same variants trade the other way
-# (conv-only LoRA 88% / 3%, all-linear 94% / 3%, masked loss 50% / 19%, white + black 50% / 47%).
-# The background is most of what the loss sees (the subject covers 13-17% of the latent), and it is the first
-# thing a LoRA binds to the identifier: even a subject the base can draw, a green triangle, is not learned apart
-# from its two backgrounds (subject / prompt fidelity 17% / 46% without prior preservation, 0% / 88% with; 300
-# steps at lr 1e-3, attention only: 17% / 4%), and a loss restricted to the subject's pixels leaves the background
-# free to follow the identifier instead (9% / 44%: magenta everywhere). 2000 steps with prior preservation: 0% / 100%.
-# Class images only on the instance backgrounds: 62% / 31% in one run, 0% / 84% with other class-image seeds (at
-# this size a run swings by tens of points with the seeds); a quarter to a half of them on the other backgrounds:
-# 0% / 100%. Instance images with the subject large: 88% / 0% without prior preservation, 0% / 100% with.
-# bench/toy_background_study.py reruns the main variants, scoring seen and unseen backgrounds apart.
-# Where the background is decided (no prior, 32 images each): training on t < 500 only keeps every unseen background
-# (prompt 100%) but the subject forms on 25% of them (a magenta circle on red, a red cross on blue), t < 650 / 750
-# bring the binding back (72% / 38% prompt); min-SNR weighting (gamma 5 / 1, which for v-prediction mutes t > 600)
-# gives 9% / 84% and 25% / 75%; switching the default LoRA off for the sampling steps above t = 900 / 800 / 600 gives
-# 47% / 72%, 38% / 75%, 25% / 75%. Subject and background together stay at 19-25% of images in every one of these,
-# as in the default run: per background it is all or nothing (green 16/16, red, blue, black 0/16). A base retrained
-# with cross-attention at 16x16 as well (recipes/train_toy_base.py --attention_at_full_res true, 44 min on 2 cores;
-# base colour / shape / background 98% / 94% / 100%) does no better: subject 84%, prompt 0% on the unseen backgrounds;
-# nor does one trained with 30% two-shape scenes (--pair_fraction 0.3, 29 min; 96% / 95% / 100%): 94% / 0%, nor a
-# 12-minute pilot whose text encoder has no layers (each word's state only its own embedding): 56% / 62%, again
-# green alone (7/8). Green is the unseen background whose VAE latent lies nearest an instance one (1.9 from yellow;
-# red, blue, black 2.8-3.1): the fine-tune carries over to backgrounds that look alike in latent space.
-# bench/toy_attention.py shows why none of these bases separates them: its words' cross-attention is close to uniform
-# over the image (shape words 0.9-2.0x as much on the drawn shape as off it, background words 0.8-1.1x), so "sks" is
-# read as part of one pooled prompt vector. A base trained with the token-grounding loss (--grounding_loss_weight 0.1,
-# customize.toy.grounding; 37 min) localises (shape words >800x, background words 0.00-0.17x; base 100/100/100%):
-# there the default LoRA gives subject / prompt 50% / 97% (green 8/8, blue 5/8, red 2/8, black 0/8 subject on the asked
-# background), all-linear 1000 steps 56% / 50%, 1500 steps 53% / 66%, text-encoder LoRA 50% / 94%, rank 8 / 32
-# 47% / 100%, 62% / 56%, prior preservation 0% / 100%. Subject shown on white + black instead (unseen: red, green,
-# blue, yellow; 16 seeds per background, two seed sets): 64-69% / 100% (600 steps), 72% / 100% (900), 70% / 75% (1200),
-# but with training seed 1: 34-41%, 53-55%, 50-58% (prompt 100%). A magenta cross on red stays a faint smudge in all
-# of them (the VAE reconstructs it; the UNet fades it). Style LoRA on that base: 69%.
-# Grounded with cross-attention at 16x16 too (--attention_at_full_res true, 49 min; 100/98.5/100%): default LoRA 53% / 78%
-# (white + yellow), unseen subject on the asked background 66% with white + black; attention-only LoRA (ckpt 3000) 22% / 56%,
-# cross-attention K/V only 9% / 31%: a LoRA on a projection changes every token's keys or values, background words' too.
+# Settings measured on the toy model (bench/toy_quality.py, bench/toy_background_study.py). The toy UNet has no
+# attention at 16x16, where the cross's thin arms and the stripes are drawn, so an attention-only LoRA cannot reach
+# them (rank 8, 300 steps: subject 0%, style 17%); adapting the ResNet convolutions too does ("attention+conv").
+#
+# How the subject came apart from its backgrounds (issue 4, point 2; 16 seeds per unseen background):
+# - On a base trained without the grounding loss, every word's cross-attention is close to uniform over the image
+#   (bench/toy_attention.py: shape words 0.9-2.0x as much on the shape as off it, background words 0.8-1.1x), so
+#   the prompt acts as one pooled vector and the LoRA binds "sks" to the backgrounds its images showed. Nothing
+#   tried on that base separated them: with white + yellow instance images the default LoRA gave subject / prompt
+#   fidelity 78% / 31%, with prior preservation 3% / 88%; text-encoder LoRA, Custom Diffusion's K/V-only LoRA, a loss
+#   masked to the subject, min-SNR weighting, training on t < 500 only, other background pairs, more steps and
+#   captioned class images all traded one half for the other, and subject AND asked background stayed at 19-25%.
+#   Bases retrained with cross-attention at 16x16 (--attention_at_full_res) or two-shape scenes (--pair_fraction)
+#   localised no better (1.1-3.0x) and bound harder (unseen prompt fidelity 0%).
+# - The token-grounding loss (customize.toy.grounding, --grounding_loss_weight 0.1, the committed base) makes the
+#   words localise (shape words > 800x, background words 0.00-0.17x). On it the background is kept (prompt fidelity
+#   97-100% at these defaults) and what is left is the subject's shape on backgrounds it was not shown on: with
+#   white + yellow instance images 50% (black 0/8), with white + black 34-72% depending on the training seed (a
+#   magenta circle instead of the cross, and a magenta cross on red fading into the red). Shown on three
+#   backgrounds (white, black, yellow: the committed subject images), training seeds 0-7 give subject fidelity
+#   100, 94, 100, 67, 100, 92, 83, 69% on red, green and blue, prompt fidelity 100% (only red ever fails;
+#   `bench/toy_background_study.py --variants defaults --train_seeds 0-7`); 800 steps moves seed 3 to 88% and leaves
+#   seed 7 at 69%. A base without the grounding loss gives 58-65% / 52-54% (21-25% both) with the same images.
+# - Prior preservation on that base (50 class images "a shape on a <bg> background", every background): drift
+#   92% -> 2% but the subject is lost (0%; 31% / drift 31% after 1200 steps; prior weight 0.3: 0% / 17%; with the
+#   text-encoder LoRA 25% / 4%, 1000 steps 38% / 4%). Uncaptioned class images ("a shape") keep the subject (62%) but
+#   not the class prompt with a background (drift 100%). Pivotal tuning with the same prior: subject 96% / 100%
+#   (training seeds 0 / 1), drift 2% / 0%: a trained word is what lets the prior and the subject coexist.
 LORA_DEFAULTS = dict(rank=16, learning_rate=3e-3, max_train_steps=600, train_batch_size=4, lora_target="attention+conv")
 FULL_DEFAULTS = dict(learning_rate=2e-4, max_train_steps=300, train_batch_size=4)
 
@@ -155,12 +135,12 @@ def captioned_class_images(folder, backgrounds, n: int, *, base=BASE_DIR, seed: 
 
 def _dreambooth(method, config_cls, defaults: dict, output_dir, *, base, instance_dir, with_prior: bool,
                 num_class_images: int, seed: int, progress: bool, overrides: dict,
-                class_backgrounds: tuple[str, ...] | None = None) -> Run:
+                class_backgrounds: tuple[str, ...] | None = None, **run_options) -> Run:
     cfg = _subject_config(config_cls, output_dir, base=base, with_prior=with_prior, num_class_images=num_class_images,
                           instance_dir=instance_dir, seed=seed, progress=progress, **{**defaults, **overrides})
     if with_prior and class_backgrounds:
         captioned_class_images(cfg.class_data_dir, class_backgrounds, num_class_images, base=base, seed=seed)
-    return _run(method, cfg, base)
+    return _run(method, cfg, base, **run_options)
 
 
 def dreambooth_lora(output_dir, *, base=BASE_DIR, instance_dir=SUBJECT_DIR, with_prior: bool = False,
@@ -176,18 +156,19 @@ def dreambooth_lora(output_dir, *, base=BASE_DIR, instance_dir=SUBJECT_DIR, with
 
 
 def dreambooth_full(output_dir, *, base=BASE_DIR, instance_dir=SUBJECT_DIR, with_prior: bool = False,
-                    num_class_images: int = 50, seed: int = 0, progress: bool = False, **overrides) -> Run:
-    """DreamBooth, full UNet fine-tune, on the held-out subject."""
+                    num_class_images: int = 50, seed: int = 0, progress: bool = False,
+                    class_backgrounds: tuple[str, ...] | None = None, **overrides) -> Run:
+    """DreamBooth, full UNet fine-tune, on the held-out subject (class images as in dreambooth_lora)."""
     from customize.methods import dreambooth
 
     return _dreambooth(dreambooth, dreambooth.DreamBoothConfig, FULL_DEFAULTS, output_dir, base=base,
                        instance_dir=instance_dir, with_prior=with_prior, num_class_images=num_class_images, seed=seed,
-                       progress=progress, overrides=overrides)
+                       progress=progress, overrides=overrides, class_backgrounds=class_backgrounds)
 
 
-# A texture over 8 images takes longer than a subject: stripes on unseen shapes 62% after 600 steps, 90% after 1000
-# (48 images each; rank 32 at 600 steps: 69%).
-STYLE_OVERRIDES = dict(max_train_steps=1000)
+# A texture over 8 images takes longer than a subject: stripes on unseen shapes 69% after 1000 steps, 94% after 1500
+# (48 images each).
+STYLE_OVERRIDES = dict(max_train_steps=1500)
 
 
 def style_lora(output_dir, *, base=BASE_DIR, style_dir=STYLE_DIR, seed: int = 0, progress: bool = False,
@@ -244,22 +225,23 @@ def textual_inversion(output_dir, *, base=BASE_DIR, instance_dir=SUBJECT_DIR, se
     return run
 
 
-def pivotal(output_dir, *, base=BASE_DIR, instance_dir=SUBJECT_DIR, seed: int = 0, progress: bool = False,
-            **overrides) -> Run:
+def pivotal(output_dir, *, base=BASE_DIR, instance_dir=SUBJECT_DIR, with_prior: bool = False,
+            num_class_images: int = 50, seed: int = 0, progress: bool = False,
+            class_backgrounds: tuple[str, ...] | None = None, **overrides) -> Run:
     """Pivotal tuning of the held-out subject: a new word "<sks>" (initialised from the class word) and a UNet
-    LoRA trained together on DreamBooth's captions."""
+    LoRA trained together on DreamBooth's captions, optionally with prior preservation (as dreambooth_lora)."""
+    from customize.methods import lora
     from customize.methods import pivotal as pt
 
     subject = world.SUBJECT
-    settings = {**PIVOTAL_DEFAULTS, **overrides}
     placeholder = f"<{subject.identifier}>"
-    cfg = _subject_config(pt.PivotalConfig, output_dir, base=base, with_prior=False, num_class_images=0,
-                          instance_dir=instance_dir, seed=seed, progress=progress, token_abstraction=subject.identifier,
-                          placeholder_token=placeholder, initializer_token=subject.class_word, **settings)
-    from customize.methods import lora
-
-    run = _run(pt.PivotalTuning(), cfg, base, build_dataset=lora.build_dataset,
-               prompt_for=_placeholder_prompts(subject.identifier, placeholder))
+    word = dict(token_abstraction=subject.identifier, placeholder_token=placeholder,
+                initializer_token=subject.class_word)
+    run = _dreambooth(pt.PivotalTuning(), pt.PivotalConfig, {**PIVOTAL_DEFAULTS, **word}, output_dir, base=base,
+                      instance_dir=instance_dir, with_prior=with_prior, num_class_images=num_class_images, seed=seed,
+                      progress=progress, overrides=overrides, class_backgrounds=class_backgrounds,
+                      build_dataset=lora.build_dataset, prompt_for=_placeholder_prompts(subject.identifier, placeholder))
     # the LoRA (counted by _run) plus the new word's vectors, which live in rows of the frozen embedding matrix
-    run.trained_parameters += _word_vectors(run.pipe, cfg.num_new_tokens_per_abstraction)
+    num_vectors = overrides.get("num_new_tokens_per_abstraction", PIVOTAL_DEFAULTS["num_new_tokens_per_abstraction"])
+    run.trained_parameters += _word_vectors(run.pipe, num_vectors)
     return run

@@ -74,7 +74,9 @@ class Subject:
     colour: str = "magenta"
     identifier: str = "sks"  # rare token, in the vocabulary but never in a base caption
     class_word: str = "shape"  # generic word the base knows (captions say "a red shape" for any shape)
-    instance_backgrounds: tuple[str, ...] = ("white", "yellow")  # the only backgrounds the instance images show
+    # The only backgrounds the instance images show (a DreamBooth user's "a few contexts"); the other three, red,
+    # green and blue, are where subject and prompt fidelity are measured.
+    instance_backgrounds: tuple[str, ...] = ("white", "black", "yellow")
 
     @property
     def instance_prompt(self) -> str:
