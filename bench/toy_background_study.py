@@ -1,8 +1,8 @@
-"""Why the toy DreamBooth-LoRA subject keeps its instance backgrounds (issue 4, point 2): a few variants of the
-LoRA run, each scored on the backgrounds the 5 subject images showed (white, yellow) and on the ones they never
-showed, with and without prior preservation.
+"""Does the toy DreamBooth-LoRA subject leave its instance backgrounds (issue 4, point 2)? A few variants of the
+LoRA run, each scored on the backgrounds the 5 subject images showed (white, black, yellow) and on the ones they
+never showed, with and without prior preservation, for one or several training seeds.
 
-    python bench/toy_background_study.py                    # every variant (about 12 minutes, 1 thread)
+    python bench/toy_background_study.py                    # every variant (about 10 minutes, 1 thread)
     python bench/toy_background_study.py --variants defaults,prior-all-backgrounds
     python bench/toy_background_study.py --variants defaults --train_seeds 0-7   # how much a run varies
 
