@@ -2,7 +2,7 @@
 
     python bench/train_step.py                                  # CPU: mini SD1.5/SDXL and the tiny test pipelines
     python bench/train_step.py --device cuda                    # SD1.5 (512 px, batch 4) and SDXL (1024 px, batch 1)
-    python bench/train_step.py --device cuda --compile          # the toolkit's UNet under torch.compile
+    python bench/train_step.py --device cuda --compile          # the toolkit's UNet under torch.compile (CUDA graphs)
 
 The reference (../shared/PERFORMANCE.md) is the loop of diffusers' train_dreambooth_lora*.py, written out below:
 eager PyTorch, peft LoRA on to_q/to_k/to_v/to_out.0, images read and transformed, the VAE and the text
@@ -19,6 +19,7 @@ with warm-up steps left out; the report is the median. Peak memory is `torch.cud
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import statistics
@@ -34,6 +35,7 @@ from PIL import Image, ImageOps
 from customize.methods import lora
 from customize.models import build_clip_tokenizer, is_sdxl, tiny_pipeline
 from customize.training import train
+from customize.training.config import COMPILE_MODES
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 RANK = 4
@@ -253,11 +255,13 @@ class Clocked:
 
 
 def toolkit_loop(pipe, name: str, folder: Path, prompt: str, resolution: int, batch_size: int, steps: int,
-                 device, mixed_precision: str, compile: bool, out_dir: Path) -> list[float]:
+                 device, mixed_precision: str, compile: bool, out_dir: Path,
+                 compile_mode: str = "default") -> list[float]:
     cfg = lora.LoRAConfig(
         pretrained_model_name_or_path=name, instance_data_dir=str(folder), instance_prompt=prompt,
         resolution=resolution, train_batch_size=batch_size, max_train_steps=steps, rank=RANK,
-        learning_rate=LEARNING_RATE, mixed_precision=mixed_precision, compile=compile, checkpointing_steps=0,
+        learning_rate=LEARNING_RATE, mixed_precision=mixed_precision, compile=compile, compile_mode=compile_mode,
+        checkpointing_steps=0,
         report_to="none", progress=False, output_dir=str(out_dir),
     )
     clocked = Clocked(lora, device)
@@ -288,33 +292,42 @@ def _step_times(stamps: list[float], warmup: int) -> list[float]:
 
 def measure(name: str, args, device) -> dict:
     build, resolution, batch = CONFIGS[name]
-    mixed_precision = "bf16" if torch.device(device).type == "cuda" else "no"
+    cuda = torch.device(device).type == "cuda"
+    mixed_precision = "bf16" if cuda else "no"
     steps = args.warmup + args.steps + 1
     prompt = "a photo of sks dog"
     times = {"reference": [], "toolkit": []}
     peaks = {"reference": 0, "toolkit": 0}
+    warmups = {"reference": [], "toolkit": []}
     with tempfile.TemporaryDirectory() as tmp:
         folder = _write_images(Path(tmp) / "images", resolution)
         for r in range(args.rounds):
             for side in ("reference", "toolkit"):
-                pipe = build()
-                if torch.device(device).type == "cuda":
+                # Random weights drawn on the GPU itself: an SDXL-sized model initialised on the CPU takes minutes.
+                with torch.device(device) if cuda else contextlib.nullcontext():
+                    pipe = build()
+                if cuda:
+                    torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
+                start = time.perf_counter()
                 if side == "reference":
                     stamps = reference_loop(pipe, folder, prompt, resolution, batch, steps, device, mixed_precision)
                 else:
                     stamps = toolkit_loop(pipe, name, folder, prompt, resolution, batch, steps, device,
-                                          mixed_precision, args.compile, Path(tmp) / f"out{r}")
+                                          mixed_precision, args.compile, Path(tmp) / f"out{r}", args.compile_mode)
                 times[side] += _step_times(stamps, args.warmup)
-                if torch.device(device).type == "cuda":
+                # set-up, caching, compilation and the warm-up steps, until the first timed step starts
+                warmups[side].append(stamps[args.warmup] - start)
+                if cuda:
                     peaks[side] = max(peaks[side], torch.cuda.max_memory_allocated())
                 del pipe
                 gc.collect()
-                if torch.device(device).type == "cuda":
+                if cuda:
                     torch.cuda.empty_cache()
     ref, ours = statistics.median(times["reference"]), statistics.median(times["toolkit"])
     return {"name": name, "batch": batch, "resolution": resolution, "reference": ref, "toolkit": ours,
-            "ratio": ref / ours, "peaks": peaks, "precision": mixed_precision}
+            "ratio": ref / ours, "peaks": peaks, "precision": mixed_precision,
+            "warmup": {k: max(v) for k, v in warmups.items()}}
 
 
 def main(argv=None):
@@ -327,6 +340,10 @@ def main(argv=None):
                    help="steps left out at the start of each round (default 3 cpu, 10 cuda: compilation)")
     p.add_argument("--rounds", type=int, default=3, help="alternating reference/toolkit rounds")
     p.add_argument("--compile", action="store_true", help="torch.compile the toolkit's UNet (GPU: inductor)")
+    p.add_argument("--compile_mode", default="reduce-overhead",
+                   choices=COMPILE_MODES,
+                   help="torch.compile mode on CUDA (default: reduce-overhead, i.e. CUDA graphs, the lever "
+                        "PERFORMANCE.md measured at 4x on the launch-bound SD1.5 step)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
     cuda = torch.device(args.device).type == "cuda"
@@ -341,15 +358,17 @@ def main(argv=None):
     configs = args.configs or (["sd15", "sdxl"] if cuda else ["mini-sd15", "mini-sdxl", "tiny-sd", "tiny-sdxl"])
     where = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"LoRA DreamBooth step, toolkit vs diffusers-example loop | {where} | torch {torch.__version__} | "
-          f"{args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up | compile={args.compile}")
+          f"{args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up | "
+          f"compile={f'{args.compile_mode}' if args.compile and cuda else args.compile}")
     print(f"{'config':<10} {'batch':>5} {'px':>5} {'precision':>9} {'reference s/step':>17} {'toolkit s/step':>15} "
-          f"{'speed-up':>9} {'ref peak GB':>12} {'ours peak GB':>13}")
+          f"{'speed-up':>9} {'ref peak GB':>12} {'ours peak GB':>13} {'warm-up s ref / ours':>21}")
     for name in configs:
         r = measure(name, args, args.device)
         peak = (lambda b: f"{b / 2**30:.2f}") if cuda else (lambda b: "n/a")
         print(f"{r['name']:<10} {r['batch']:>5} {r['resolution']:>5} {r['precision']:>9} {r['reference']:>17.4f} "
               f"{r['toolkit']:>15.4f} {r['ratio']:>8.2f}x {peak(r['peaks']['reference']):>12} "
-              f"{peak(r['peaks']['toolkit']):>13}", flush=True)
+              f"{peak(r['peaks']['toolkit']):>13} {r['warmup']['reference']:>10.1f} / {r['warmup']['toolkit']:<8.1f}",
+              flush=True)
 
 
 if __name__ == "__main__":

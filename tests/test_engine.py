@@ -177,6 +177,8 @@ def test_errors_say_what_to_do(tmp_path):
         run(cfg_for(tmp_path, n_examples=0))
     with pytest.raises(ValueError, match="mixed_precision"):
         ToyConfig(mixed_precision="fp8")
+    with pytest.raises(ValueError, match="compile_mode must be one of.*reduce-overhead"):
+        ToyConfig(compile_mode="reduce_overhead")
     with pytest.raises(ValueError, match="float32 trained parameters"):
         train(ToyMethod(), ToyModel().half(), ToyData(4, True), cfg_for(tmp_path, mixed_precision="fp16"))
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):

@@ -261,6 +261,8 @@ def train(method, model, dataset, cfg: TrainConfig) -> TrainResult:
     if cfg.compile:
         for m in trained.values():
             _compile(m, device, cfg.compile_mode)
+    cudagraph_steps = (cfg.compile and device.type == "cuda" and cfg.compile_mode != "max-autotune-no-cudagraphs"
+                       and hasattr(torch.compiler, "cudagraph_mark_step_begin"))
 
     optimizer = build_optimizer(groups, cfg, device)
     lr_scheduler = build_lr_scheduler(optimizer, cfg)
@@ -376,6 +378,9 @@ def train(method, model, dataset, cfg: TrainConfig) -> TrainResult:
         sampler.set_epoch(epoch, skip=skip)
         for batch in loader:
             batch = send_to_device(batch, device, non_blocking=True)
+            if cudagraph_steps:
+                # A new step of the recorded CUDA graphs: the previous step's outputs may be overwritten from here.
+                torch.compiler.cudagraph_mark_step_begin()
             with accelerator.autocast():
                 loss, extras = _split_loss(method.loss(model, batch, cfg))
             # Each micro-batch loss is a mean over its examples; dividing by the accumulation count makes the
