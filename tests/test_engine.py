@@ -193,6 +193,23 @@ def test_errors_say_what_to_do(tmp_path):
             run(cfg_for(tmp_path, enable_xformers_memory_efficient_attention=True))
 
 
+def test_cuda_graphs_are_used_only_where_they_hold():
+    """CUDA graphs (compile_mode reduce-overhead / max-autotune on a GPU) get a step mark each micro-batch, and
+    are refused with gradient accumulation, which they would silently corrupt. Decided from the device's type, so
+    this runs without a GPU."""
+    from customize.training.engine import _records_cuda_graphs
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    graphs = dict(compile=True, compile_mode="reduce-overhead")
+    assert _records_cuda_graphs(ToyConfig(**graphs), cuda)
+    assert _records_cuda_graphs(ToyConfig(compile=True, compile_mode="max-autotune"), cuda)
+    assert not _records_cuda_graphs(ToyConfig(**graphs), cpu)
+    assert not _records_cuda_graphs(ToyConfig(compile=True, compile_mode="default", gradient_accumulation_steps=4), cuda)
+    assert not _records_cuda_graphs(ToyConfig(compile_mode="reduce-overhead", gradient_accumulation_steps=4), cuda)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps 1 with a larger train_batch_size"):
+        _records_cuda_graphs(ToyConfig(**graphs, gradient_accumulation_steps=2), cuda)
+
+
 def test_parse_config_cli_yaml_json(tmp_path):
     from dataclasses import dataclass, field
 

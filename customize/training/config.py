@@ -60,7 +60,8 @@ class TrainConfig:
     compile_mode: str = field(
         default="default",
         metadata={"help": "torch.compile mode on CUDA: default, reduce-overhead (CUDA graphs: removes the launch-bound "
-                          "floor of small steps) or max-autotune."},
+                          "floor of small steps; needs gradient_accumulation_steps 1), max-autotune (also CUDA "
+                          "graphs) or max-autotune-no-cudagraphs."},
     )
     logging_steps: int = field(
         default=1,

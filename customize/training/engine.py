@@ -136,6 +136,20 @@ def _compile(module: torch.nn.Module, device: torch.device, mode: str = "default
         module.compile(backend="eager")
 
 
+def _records_cuda_graphs(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether the compiled modules will run as CUDA graphs (torch.compile's "reduce-overhead" and "max-autotune"
+    modes on a GPU); refuses the one setting they break."""
+    if not (cfg.compile and device.type == "cuda" and cfg.compile_mode in ("reduce-overhead", "max-autotune")):
+        return False
+    if cfg.gradient_accumulation_steps > 1:
+        # The first micro-batch's gradient lives in the graphs' memory pool and the next replay overwrites it
+        # (pytorch/pytorch#169545): the accumulated gradient would be silently wrong.
+        raise ValueError(f"compile_mode={cfg.compile_mode} records CUDA graphs, which do not survive gradient "
+                         f"accumulation (gradient_accumulation_steps={cfg.gradient_accumulation_steps}): use "
+                         "gradient_accumulation_steps 1 with a larger train_batch_size, or compile_mode default")
+    return True
+
+
 def _average_gradients(params: list[torch.nn.Parameter], accelerator) -> None:
     """Mean of every trained gradient over processes (what DDP computes). A parameter without a gradient on
     every process keeps none, as in a single-process run."""
@@ -221,6 +235,7 @@ def train(method, model, dataset, cfg: TrainConfig) -> TrainResult:
         step_scheduler_with_optimizer=False,
     )
     device = accelerator.device
+    cudagraph_steps = _records_cuda_graphs(cfg, device)
     # Different noise on every process (seed + rank), the same data order everywhere (the sampler's own seed).
     set_seed(cfg.seed, device_specific=True)
     if cfg.allow_tf32:
@@ -261,8 +276,6 @@ def train(method, model, dataset, cfg: TrainConfig) -> TrainResult:
     if cfg.compile:
         for m in trained.values():
             _compile(m, device, cfg.compile_mode)
-    cudagraph_steps = (cfg.compile and device.type == "cuda" and cfg.compile_mode != "max-autotune-no-cudagraphs"
-                       and hasattr(torch.compiler, "cudagraph_mark_step_begin"))
 
     optimizer = build_optimizer(groups, cfg, device)
     lr_scheduler = build_lr_scheduler(optimizer, cfg)
