@@ -60,16 +60,22 @@ def test_latents_are_scaled_samples_of_the_vae_posterior(tiny_sd):
 
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
 def test_cached_features_give_the_uncached_loss(tmp_path, kind):
-    """prepare() replaces images and prompts by VAE moments and text states; the loss of a batch is unchanged."""
+    """prepare() replaces images and prompts by VAE moments and text states, encoding train_batch_size images at a
+    time; the loss of a batch is unchanged."""
     pipe = tiny_pipeline(kind)
     cfg = dreambooth.DreamBoothConfig(
         pretrained_model_name_or_path=f"tiny-{kind}", instance_data_dir=str(_images(tmp_path / "inst")),
         class_data_dir=str(_images(tmp_path / "cls", 3, seed=1)), class_prompt="a photo of dog",
         with_prior_preservation=True, num_class_images=3, resolution=RESOLUTION, center_crop=True, snr_gamma=5.0,
-        noise_offset=0.1,
+        noise_offset=0.1, train_batch_size=2,
     )
     dataset = dreambooth.build_dataset(pipe, cfg)
+    encoded, encode = [], pipe.vae.encode
+    pipe.vae.encode = lambda x, *a, **k: encoded.append(x.shape[0]) or encode(x, *a, **k)
     cached = dreambooth.prepare(pipe, dataset, cfg, accelerator=None)
+    del pipe.vae.encode
+    # the cache encodes a training batch at a time (a batch that trains fits in memory), every image once
+    assert max(encoded) == 2 and sum(encoded) == 2 + 3
     raw_batch = collate_examples([dataset[0], dataset[1]])
     cached_batch = collate_examples([cached[0], cached[1]])
     assert raw_batch["num_prior"] == cached_batch["num_prior"] == 2

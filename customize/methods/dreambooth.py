@@ -120,7 +120,8 @@ def prepare(pipe, dataset, cfg: DreamBoothConfig, accelerator):
         return features
 
     def cached(part):
-        return cache_features(part, encode, seed=cfg.seed)
+        # encoded train_batch_size images at a time: a batch that trains fits, where 8 SDXL images may not
+        return cache_features(part, encode, batch_size=cfg.train_batch_size, seed=cfg.seed)
 
     if isinstance(dataset, PairedDataset):
         class_data = dataset.class_data

@@ -357,7 +357,7 @@ def cache_latents(pipe, dataset, cfg, accelerator=None):
     """VAE moments of every image computed once (the VAE is frozen): training samples z ~ q(z|x) from them."""
     return cache_features(
         dataset, lambda batch: {"latent_moments": sd.image_moments(pipe.vae, batch["pixel_values"])},
-        seed=cfg.seed, accelerator=accelerator,
+        batch_size=cfg.train_batch_size, seed=cfg.seed, accelerator=accelerator,
     )
 
 
