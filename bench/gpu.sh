@@ -11,6 +11,7 @@
 #   bash bench/gpu.sh run                                   # SD1.5 512 px batch 4 and SDXL 1024 px batch 1, eager
 #   bash bench/gpu.sh run --compile --configs sd15 --rounds 2   # CUDA graphs (compile_mode reduce-overhead)
 # The log is also written to $OUT/train_step.log when OUT is set (the device tool's folder that comes back).
+# TORCH_LOGS=perf_hints before the run step prints why torch.compile skipped CUDA graphs, if it did.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,7 +37,7 @@ run)
     python3 bench/train_step.py --device cuda "$@" 2>&1 | grep -v "should be kept in float32" | tee -a "$log"
     ;;
 *)
-    sed -n '1,13p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '1,14p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac
