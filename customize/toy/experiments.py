@@ -95,14 +95,15 @@ def _run(method, cfg, base, build_dataset=None, prompt_for=None) -> Run:
 #   white + yellow instance images 50% (black 0/8), with white + black 34-72% depending on the training seed (a
 #   magenta circle instead of the cross, and a magenta cross on red fading into the red). Shown on three
 #   backgrounds (white, black, yellow: the committed subject images), training seeds 0-7 give subject fidelity
-#   100, 94, 100, 67, 100, 92, 83, 69% on red, green and blue, prompt fidelity 100% (only red ever fails;
-#   `bench/toy_background_study.py --variants defaults --train_seeds 0-7`); 800 steps moves seed 3 to 88% and leaves
-#   seed 7 at 69%. A base without the grounding loss gives 58-65% / 52-54% (21-25% both) with the same images.
+#   85, 85, 98, 94, 77, 90, 71, 67% on red, green and blue, prompt fidelity 100% but seed 3's 69% (only red ever
+#   fails; `bench/toy_background_study.py --variants defaults --train_seeds 0-7`, features cached a training batch
+#   at a time; with 8 at a time the same seeds gave 100, 94, 100, 67, 100, 92, 83, 69% / 100%: the spread is the
+#   training's, not the code's). A base without the grounding loss gives 58-65% / 52-54% (21-25% both).
 # - Prior preservation on that base (50 class images "a shape on a <bg> background", every background): drift
 #   92% -> 2% but the subject is lost (0%; 31% / drift 31% after 1200 steps; prior weight 0.3: 0% / 17%; with the
 #   text-encoder LoRA 25% / 4%, 1000 steps 38% / 4%). Uncaptioned class images ("a shape") keep the subject (62%) but
-#   not the class prompt with a background (drift 100%). Pivotal tuning with the same prior: subject 96, 100, 92, 71,
-#   42, 92, 98, 67% for training seeds 0-7, drift 0-8%: a trained word is what lets the prior and the subject coexist.
+#   not the class prompt with a background (drift 100%). Pivotal tuning with the same prior: subject 75, 94, 96, 75,
+#   65, 100, 94, 90% for training seeds 0-7, drift 0-4%: a trained word is what lets the prior and the subject coexist.
 LORA_DEFAULTS = dict(rank=16, learning_rate=3e-3, max_train_steps=600, train_batch_size=4, lora_target="attention+conv")
 FULL_DEFAULTS = dict(learning_rate=2e-4, max_train_steps=300, train_batch_size=4)
 
