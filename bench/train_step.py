@@ -359,7 +359,7 @@ def main(argv=None):
     where = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"LoRA DreamBooth step, toolkit vs diffusers-example loop | {where} | torch {torch.__version__} | "
           f"{args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up | "
-          f"compile={f'{args.compile_mode}' if args.compile and cuda else args.compile}")
+          f"compile={args.compile_mode if args.compile and cuda else args.compile}")
     print(f"{'config':<10} {'batch':>5} {'px':>5} {'precision':>9} {'reference s/step':>17} {'toolkit s/step':>15} "
           f"{'speed-up':>9} {'ref peak GB':>12} {'ours peak GB':>13} {'warm-up s ref / ours':>21}")
     for name in configs:
