@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 MIXED_PRECISION = ("no", "fp16", "bf16")
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the compile modes that record CUDA graphs on a GPU
 
 C = TypeVar("C")
 

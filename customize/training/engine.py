@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, default_collate
 from customize.data.sampling import EpochBatchSampler, SeededDataset, seeded_rng
 
 from customize.training import checkpoint as ckpt
-from customize.training.config import TrainConfig
+from customize.training.config import CUDA_GRAPH_MODES, TrainConfig
 from customize.training.ema import EMA
 from customize.training.optim import build_lr_scheduler, build_optimizer, param_groups
 from customize.training.tracking import record_validation, resolve_trackers, tracker_config, write_model_card
@@ -139,7 +139,7 @@ def _compile(module: torch.nn.Module, device: torch.device, mode: str = "default
 def _records_cuda_graphs(cfg: TrainConfig, device: torch.device) -> bool:
     """Whether the compiled modules will run as CUDA graphs (torch.compile's "reduce-overhead" and "max-autotune"
     modes on a GPU); refuses the one setting they break."""
-    if not (cfg.compile and device.type == "cuda" and cfg.compile_mode in ("reduce-overhead", "max-autotune")):
+    if not (cfg.compile and device.type == "cuda" and cfg.compile_mode in CUDA_GRAPH_MODES):
         return False
     if cfg.gradient_accumulation_steps > 1:
         # The first micro-batch's gradient lives in the graphs' memory pool and the next replay overwrites it
