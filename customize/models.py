@@ -78,6 +78,13 @@ def _pipeline_class(path_or_id: str):
     return DiffusionPipeline
 
 
+def load_base_pipeline(cfg):
+    """The pipeline a training config starts from: its pretrained_model_name_or_path, revision and variant."""
+    if not cfg.pretrained_model_name_or_path:
+        raise ValueError("--pretrained_model_name_or_path is required (a hub id, a diffusers folder or a single file)")
+    return load_pipeline(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant)
+
+
 def load_pipeline(
     name_or_path: str,
     *,

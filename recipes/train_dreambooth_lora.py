@@ -18,15 +18,13 @@ import sys
 
 from customize.cli import run_recipe
 from customize.methods import lora
-from customize.models import load_pipeline
+from customize.models import load_base_pipeline
 from customize.training import parse_config, train
 
 
 def main(argv: list[str] | None = None):
     cfg = parse_config(lora.LoRAConfig, argv)
-    if not cfg.pretrained_model_name_or_path:
-        raise SystemExit("--pretrained_model_name_or_path is required (a hub id, a diffusers folder or a single file)")
-    pipe = load_pipeline(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant)
+    pipe = load_base_pipeline(cfg)
     dataset = lora.build_dataset(pipe, cfg)
     return train(lora, pipe, dataset, cfg)
 

@@ -21,7 +21,7 @@ from customize.data import (
     pil_to_tensor,
     tensor_to_pil,
 )
-from customize.data.sampling import EpochBatchSampler, SeededDataset
+from customize.data.sampling import EpochBatchSampler, SeededDataset, seeded_rng
 
 
 def _img(path, w=24, h=20, color=None, mode="RGB"):
@@ -292,3 +292,18 @@ def test_seeded_stream_order_sharding_skip_and_workers():
     for s, p in zip(serial, parallel):
         assert torch.equal(s["noise"], p["noise"]) and torch.equal(s["coin"], p["coin"])
     assert not torch.equal(serial[0]["noise"][0], serial[0]["noise"][1])
+
+
+def test_seeded_rng_draws_from_the_seed_and_restores_the_streams():
+    import random
+
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    outside = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    with seeded_rng(123):
+        inside = (torch.rand(3), np.random.rand(3), random.random())
+    after = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(inside[0], torch.rand(3, generator=torch.Generator().manual_seed(123)))
+    assert np.array_equal(inside[1], np.random.RandomState(123).rand(3)) and inside[2] == random.Random(123).random()
+    assert torch.equal(after[0], outside[0]) and np.array_equal(after[1], outside[1]) and after[2] == outside[2], \
+        "the surrounding streams go on as if the block had not run"

@@ -275,6 +275,13 @@ def test_recipe_reports_bad_input_in_one_line(tmp_path):
     assert done.returncode == 1 and "Traceback" in done.stderr and "ValueError: rank must be >= 1" in done.stderr
 
 
+def test_recipes_ask_for_the_base_model():
+    from customize.models import load_base_pipeline
+
+    with pytest.raises(ValueError, match="--pretrained_model_name_or_path is required"):
+        load_base_pipeline(lora.LoRAConfig(output_dir="unused"))
+
+
 def test_run_recipe_passes_other_exceptions_through():
     from customize.cli import run_recipe
 
