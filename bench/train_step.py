@@ -45,6 +45,7 @@ from customize.training.config import COMPILE_MODES
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 RANK = 4
 LEARNING_RATE = 1e-4
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NUM_IMAGES = 8  # a DreamBooth-sized instance set that every batch size here divides
 
 # Architectures of the released models (their configs on the hub), built here with random weights.
@@ -175,27 +176,36 @@ def reference_collate(examples):
     }
 
 
+def reference_lora_unet(pipe, device, mixed_precision: str):
+    """The example scripts' trained model: the frozen UNet in the weight dtype with peft LoRA on the attention
+    projections in fp32 (PERFORMANCE.md), and AdamW over the LoRA parameters."""
+    from peft import LoraConfig
+
+    unet = pipe.unet.requires_grad_(False).to(device, dtype=WEIGHT_DTYPES[mixed_precision])
+    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    return unet, params, optimizer
+
+
 def reference_loop(pipe, folder: Path, prompt: str, resolution: int, batch_size: int, steps: int, device,
                    mixed_precision: str) -> list[float]:
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
-    from peft import LoraConfig
 
     accelerator = Accelerator(mixed_precision=mixed_precision)
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
     sdxl = is_sdxl(pipe)
-    vae, unet = pipe.vae, pipe.unet
+    vae = pipe.vae
     text_encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
-    for m in [vae, unet, *text_encoders]:
+    weight_dtype = WEIGHT_DTYPES[mixed_precision]
+    for m in [vae, *text_encoders]:
         m.requires_grad_(False).to(device, dtype=weight_dtype)
     if sdxl:  # the SDXL script keeps the VAE in fp32 (it overflows in fp16)
         vae.to(dtype=torch.float32)
-    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
-    params = [p for p in unet.parameters() if p.requires_grad]
-    for p in params:  # fp32 LoRA parameters under bf16 autocast (PERFORMANCE.md)
-        p.data = p.data.float()
-    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    unet, params, optimizer = reference_lora_unet(pipe, device, mixed_precision)
     dataset = ReferenceDreamBoothDataset(folder, prompt, [pipe.tokenizer] + ([pipe.tokenizer_2] if sdxl else []), resolution)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=reference_collate)
     lr_scheduler = get_scheduler("constant", optimizer=optimizer)
@@ -283,11 +293,8 @@ def unet_only_loop(pipe, prompt: str, resolution: int, batch_size: int, steps: i
                    mixed_precision: str) -> list[float]:
     """What is left of the reference step once every input is precomputed: the same eager forward, loss,
     backward, clip and AdamW, nothing else."""
-    from peft import LoraConfig
-
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+    weight_dtype = WEIGHT_DTYPES[mixed_precision]
     sdxl = is_sdxl(pipe)
-    unet = pipe.unet
     with torch.no_grad():  # conditioning of the right shapes, computed once
         if sdxl:
             states, _, pooled, _ = pipe.encode_prompt(prompt, device=pipe.text_encoder.device, do_classifier_free_guidance=False)
@@ -299,12 +306,7 @@ def unet_only_loop(pipe, prompt: str, resolution: int, batch_size: int, steps: i
         added = {"text_embeds": pooled.expand(batch_size, -1).to(device, weight_dtype),
                  "time_ids": torch.tensor([[resolution] * 2 + [0, 0] + [resolution] * 2] * batch_size,
                                           device=device, dtype=weight_dtype)}
-    unet.requires_grad_(False).to(device, dtype=weight_dtype)
-    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
-    params = [p for p in unet.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
-    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    unet, params, optimizer = reference_lora_unet(pipe, device, mixed_precision)
     size = resolution // pipe.vae_scale_factor
     latents = torch.randn(batch_size, unet.config.in_channels, size, size, device=device, dtype=weight_dtype)
     unet.train()
@@ -312,7 +314,7 @@ def unet_only_loop(pipe, prompt: str, resolution: int, batch_size: int, steps: i
     stamps = []
     for _ in range(steps):
         noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, 1000, (batch_size,), device=device)
+        timesteps = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (batch_size,), device=device)
         with autocast:
             pred = unet(latents + noise, timesteps, states, added_cond_kwargs=added, return_dict=False)[0]
             loss = F.mse_loss(pred.float(), noise.float())
