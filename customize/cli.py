@@ -30,6 +30,7 @@ examples:
   customize inspect my_lora.safetensors                                  (format, family, rank, alpha, metadata)
   customize convert pytorch_lora_weights.safetensors my_lora.safetensors --to kohya
   customize demo                                                         (the toy-world demo)
+  customize env                                                          (versions and GPU, for a bug report)
 
 Run `customize <command> --help` for each command's options and examples.
 """
@@ -83,6 +84,16 @@ DEMO_HELP = """\
 The README's main job, on a CPU in minutes: `customize demo toy` (a LoRA learns a new subject on the tiny
 toy-world model, then draws and scores it) or `customize demo digits` (the from-scratch DDPM core trained on
 scikit-learn's digits, scored by a digit classifier). With no name: toy when its model is present, else digits.
+"""
+
+ENV_HELP = """\
+Print what this install is made of, as Markdown to paste into a bug report: Python, torch (CUDA / cuDNN,
+every GPU's name and memory), diffusers, transformers, peft, accelerate, datasets, xformers, bitsandbytes, ...
+and a verdict: every combination of versions known to break, with the command that fixes it.
+
+examples:
+  customize env
+  customize env --check        (exit status 1 when a known-bad combination is installed)
 """
 
 BENCH_HELP = """\
@@ -371,6 +382,13 @@ def _run_optional(module: str, what: str, argv: list[str]) -> int:
     return int(entry.main(argv) or 0)
 
 
+def cmd_env(args) -> int:
+    from customize import env
+
+    print(env.report())
+    return EXIT_ERROR if args.check and any(p.fatal for p in env.problems()) else 0
+
+
 def cmd_demo(args) -> int:
     return _run_optional("customize.demo", "the demo", args.args)
 
@@ -426,6 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--family", choices=["sd1", "sd2", "sdxl"], help="base family when the shapes cannot tell (kohya names depend on it)")
     c.add_argument("--model", help="check the LoRA against this model and take its family and UNet layout")
     c.set_defaults(func=cmd_convert)
+
+    e = sub.add_parser("env", help="versions, GPU and known-bad combinations (for a bug report)", description=ENV_HELP, formatter_class=fmt)
+    e.add_argument("--check", action="store_true", help="exit 1 when a combination known to break is installed")
+    e.set_defaults(func=cmd_env)
 
     for name, func, text in (("demo", cmd_demo, DEMO_HELP), ("bench", cmd_bench, BENCH_HELP)):
         d = sub.add_parser(name, help=text.splitlines()[0], description=text, formatter_class=fmt, add_help=False)

@@ -5,7 +5,7 @@ A LoRA adds to a frozen weight W (out, in) the low-rank update (Hu et al. 2021, 
     dW = (alpha / r) * B @ A,        A = "down" (r, in),  B = "up" (out, r)
 
 (a conv layer has A (r, in, kh, kw) and B (out, r, 1, 1)). Every format stores A and B; they differ in the key
-names and in where alpha lives (SPECS section 5):
+names and in where alpha lives (docs/formats.md, 'LoRA files'):
 
   diffusers  unet.<module>.lora.down.weight / .lora.up.weight;
              text_encoder[_2].<module>.lora_linear_layer.down.weight / .up.weight
@@ -653,6 +653,12 @@ def load_lora_files(pipe, specs: list[tuple[str | os.PathLike, float]], prefix: 
     `load_lora_weights` + `set_adapters`; returns the adapter names. Every file is checked first, so a bad one
     loads nothing. Adapters loaded before stay loaded but inactive (set_adapters activates only these)."""
     states = [check_lora_compatible(pipe, path) for path, _ in specs]
+    if any(split_key(key)[0] != "unet" for state in states for key in state.layers):
+        # diffusers loads text-encoder layers through transformers' adapter hooks, which some transformers
+        # releases refuse with older peft releases: say so once, before anything loads
+        from customize import env
+
+        env.check()
     taken = {a for names in pipe.get_list_adapters().values() for a in names}
     free = (f"{prefix}_{i}" for i in range(len(taken) + len(specs) + 1) if f"{prefix}_{i}" not in taken)
     names = []

@@ -2,7 +2,7 @@
 
 Each adapted linear layer W (out x in) becomes W + (alpha / r) B A with A (r x in) random and B (out x r) zero,
 so the adapted model equals the base model at step 0; only A and B train. The layers are peft's, injected with
-the diffusers / transformers `add_adapter` hooks; the file is written by the pipeline class's
+diffusers' `add_adapter` hook (UNet) or peft's `inject_adapter_in_model` (text encoders); the file is written by the pipeline class's
 `save_lora_weights` in the diffusers key layout, with the peft config (rank, alpha, targets) in the safetensors
 metadata so `pipe.load_lora_weights(dir)` rebuilds the same scale alpha / r.
 
@@ -73,9 +73,21 @@ def lora_config(cfg: LoRAConfig, targets):
 
 def _add_adapter(module, config) -> list[torch.nn.Parameter]:
     """Inject the adapter once (a resumed run calls this again on the same model) and return its parameters,
-    kept in float32 even when the base weights are half precision."""
+    kept in float32 even when the base weights are half precision.
+
+    The UNet gets it through diffusers' `add_adapter`; a text encoder straight through peft's
+    `inject_adapter_in_model`, which is all transformers' `add_adapter` does after a version gate that refuses
+    peft releases older than the transformers release wants (transformers 5.24 and peft 0.21), though the
+    layers and their state dict are the same."""
     if ADAPTER not in (getattr(module, "peft_config", None) or {}):
-        module.add_adapter(config, adapter_name=ADAPTER)
+        from diffusers.models.modeling_utils import ModelMixin
+
+        if isinstance(module, ModelMixin):
+            module.add_adapter(config, adapter_name=ADAPTER)
+        else:
+            from peft import inject_adapter_in_model
+
+            inject_adapter_in_model(config, module, adapter_name=ADAPTER)
     params = [p for n, p in module.named_parameters() if ".lora_" in n]
     for p in params:
         p.data = p.data.float()
