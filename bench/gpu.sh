@@ -1,16 +1,16 @@
-# The GPU figures of bench/train_step.py on a machine without internet (the `device` machine of this workplace,
-# or any CUDA box whose Python already has torch, transformers, accelerate and peft but no diffusers).
+# The GPU figures of bench/train_step.py on a CUDA machine without internet access, whose Python already has
+# torch, transformers, accelerate and peft but no diffusers (docs/benchmarks.md, 'train_step').
 #
-#   bash bench/gpu.sh fetch                 # here, with internet: wheels of the exact diffusers / peft the
-#                                           # project is tested with, into .whl/ (ignored by git, ~7 MB)
-#   bash bench/gpu.sh run [bench options]   # there, from the repository root, with .whl/ copied along:
-#                                           # installs them under /tmp/site and runs
+#   bash bench/gpu.sh fetch                 # on a machine where pip works: wheels of the exact diffusers / peft
+#                                           # installed here, into .whl/ (ignored by git, ~7 MB)
+#   bash bench/gpu.sh run [bench options]   # on the GPU machine, from the repository root, with .whl/ copied
+#                                           # along: installs them under /tmp/site and runs
 #                                           # python3 bench/train_step.py --device cuda [bench options]
 #
-# Examples for the run step (each well inside 10 minutes on an H100):
+# Examples for the run step:
 #   bash bench/gpu.sh run                                   # SD1.5 512 px batch 4 and SDXL 1024 px batch 1, eager
 #   bash bench/gpu.sh run --compile --configs sd15 --rounds 2   # CUDA graphs (compile_mode reduce-overhead)
-# The log is also written to $OUT/train_step.log when OUT is set (the device tool's folder that comes back).
+# The log is appended to $OUT/train_step.log when OUT is set (a folder to collect results in), else /tmp.
 # TORCH_LOGS=perf_hints before the run step prints why torch.compile skipped CUDA graphs, if it did.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -8,7 +8,7 @@ word, the mean attention it gets from pixels inside the shape as drawn (the prob
 with the mean from pixels outside.
 
     python bench/toy_attention.py                              # the committed data/toy/base
-    python bench/toy_attention.py --base outputs/toy_base_fullres/pipeline
+    python bench/toy_attention.py --base outputs/toy_base/pipeline   # e.g. trained with --grounding_loss_weight 0
 
 Columns: in/out ratio of the shape's words (size, colour and shape name; above 1 = attended on the shape) and of
 the background words (background colour and "background"; below 1 = attended off the shape): the words

@@ -1,6 +1,6 @@
-"""Does the toy DreamBooth-LoRA subject leave its instance backgrounds (issue 4, point 2)? A few variants of the
-LoRA run, each scored on the backgrounds the 5 subject images showed (white, black, yellow) and on the ones they
-never showed, with and without prior preservation, for one or several training seeds.
+"""Does the toy DreamBooth-LoRA subject leave its instance backgrounds? A few variants of the LoRA run, each
+scored on the backgrounds the 5 subject images showed (white, black, yellow) and on the ones they never showed,
+with and without prior preservation, for one or several training seeds.
 
     python bench/toy_background_study.py                    # every variant (about 10 minutes, 1 thread)
     python bench/toy_background_study.py --variants defaults,prior-all-backgrounds
@@ -10,9 +10,10 @@ Columns (shares of generated images, probe-read, 16 sampling seeds per backgroun
   seen subject    subject drawn for "a sks shape on a <bg> background", bg in the instance backgrounds
   unseen subject  the same for the other backgrounds; unseen prompt: the background asked for is drawn
   class subject   the subject drawn for the class prompt "a shape on a white background" (the identifier unused)
-The figure that decides point 2 is unseen subject and unseen prompt together (both >= 70% wanted). Under each
-row, per background (* = an instance background): images showing the subject on the background asked for. With
-several training seeds, one row per seed and their mean.
+The figure that matters is unseen subject and unseen prompt together (both >= 70% wanted; results in
+docs/findings.md, 'The subject on unseen backgrounds'). Under each row, per background (* = an instance
+background): images showing the subject on the background asked for. With several training seeds, one row per
+seed and their mean.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output_dir", default="outputs/bench-toy-background-study")
     p.add_argument("--base", default=str(experiments.BASE_DIR),
                    help="toy base model folder (default: the committed one; e.g. one trained with "
-                        "recipes/train_toy_base.py --attention_at_full_res true)")
+                        "recipes/train_toy_base.py --grounding_loss_weight 0)")
     p.add_argument("--train_seeds", default="0", type=seed_list,
                    help="training seeds, e.g. 0 or 0,3 or 0-7 (sampling seeds stay the same)")
     p.add_argument("--seeds_per_prompt", type=int, default=16, help="images per background")

@@ -1,5 +1,5 @@
 """Toy-world quality: every customization method trained on the committed toy model and scored by the world's
-probes on held-out prompts and seeds, printed as one table (the measures of docs TOYWORLD.md).
+probes on held-out prompts and seeds, printed as one table (the measures of docs/toy-world.md, 'Measures').
 
     python bench/toy_quality.py                       # every row
     python bench/toy_quality.py --rows base,dreambooth-lora,dreambooth-lora+prior

@@ -4,7 +4,7 @@
     python bench/train_step.py --device cuda                    # SD1.5 (512 px, batch 4) and SDXL (1024 px, batch 1)
     python bench/train_step.py --device cuda --compile          # the toolkit's UNet under torch.compile (CUDA graphs)
 
-The reference (../shared/PERFORMANCE.md) is the loop of diffusers' train_dreambooth_lora*.py, written out below:
+The reference (docs/benchmarks.md, 'train_step') is the loop of diffusers' train_dreambooth_lora*.py, written out below:
 eager PyTorch, peft LoRA on to_q/to_k/to_v/to_out.0, images read and transformed, the VAE and the text
 encoder(s) run on every step, bf16 autocast with bf16 frozen weights and fp32 LoRA parameters on a GPU, AdamW.
 The toolkit side is `train(lora, pipe, dataset, cfg)` as recipes/train_dreambooth_lora.py runs it: VAE moments
@@ -178,7 +178,7 @@ def reference_collate(examples):
 
 def reference_lora_unet(pipe, device, mixed_precision: str):
     """The example scripts' trained model: the frozen UNet in the weight dtype with peft LoRA on the attention
-    projections in fp32 (PERFORMANCE.md), and AdamW over the LoRA parameters."""
+    projections in fp32 (docs/benchmarks.md, 'train_step'), and AdamW over the LoRA parameters."""
     from peft import LoraConfig
 
     unet = pipe.unet.requires_grad_(False).to(device, dtype=WEIGHT_DTYPES[mixed_precision])
@@ -404,8 +404,8 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the toolkit's UNet (GPU: inductor)")
     p.add_argument("--compile_mode", default="reduce-overhead",
                    choices=COMPILE_MODES,
-                   help="torch.compile mode on CUDA (default: reduce-overhead, i.e. CUDA graphs, the lever "
-                        "PERFORMANCE.md measured at 4x on the launch-bound SD1.5 step)")
+                   help="torch.compile mode on CUDA (default: reduce-overhead, i.e. CUDA graphs, for a step "
+                        "bound by kernel launches such as the eager SD1.5 LoRA step)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
     cuda = torch.device(args.device).type == "cuda"

@@ -1,5 +1,5 @@
-"""Textual inversion (SPECS section 2) on tiny SD and SDXL pipelines: init invariants, the frozen-row guard,
-prompts, files that load in plain diffusers, checkpoint/resume, and the errors a user can run into."""
+"""Textual inversion (docs/methods.md, 'Textual inversion') on tiny SD and SDXL pipelines: init invariants, the
+frozen-row guard, prompts, files that load in plain diffusers, checkpoint/resume, and the errors a user can run into."""
 
 import importlib.util
 import random

@@ -136,8 +136,6 @@ def test_grounding_settings_are_checked():
 
     with pytest.raises(ValueError, match="grounding_loss_weight must be >= 0"):
         toy_base.ToyBaseConfig(grounding_loss_weight=-1.0)
-    with pytest.raises(ValueError, match="pair_fraction to 0"):
-        toy_base.ToyBaseConfig(grounding_loss_weight=0.1, pair_fraction=0.3)
     with pytest.raises(ValueError, match="single-shape scenes"):
         toy_base.ToyImages(4, clutter_fraction=0.5, masks=True)
     ex = toy_base.ToyImages(4, masks=True)[0]

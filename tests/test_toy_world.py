@@ -70,44 +70,6 @@ def test_render_draws_the_scene():
         world.Scene("circle", "red", "red")
 
 
-def test_pair_examples_draw_two_named_shapes_apart_on_one_background():
-    for i in range(200):
-        (a, b), text = world.pair_example(0, i)
-        assert world.pair_example(0, i) == ((a, b), text)  # a function of (seed, index)
-        assert a.background == b.background and a.colour != b.colour
-        assert a.position != b.position and {a.position, b.position} <= set(world.PAIR_POSITIONS)
-        for s in (a, b):  # each shape is a training combination
-            assert (s.colour, s.shape, s.background) not in world.HELD_OUT_COMBOS
-        assert text == (f"a {a.colour} {a.shape} {world.POSITION_PHRASES[a.position]} and a {b.colour} {b.shape} "
-                        f"{world.POSITION_PHRASES[b.position]} on a {a.background} background")
-        mask_a, mask_b = world.shape_mask(a), world.shape_mask(b)
-        assert not (mask_a & mask_b).any()
-        arr = np.asarray(world.render_pair((a, b)))  # (H, W, 3)
-        inner_a = world.coverage(a) == 1
-        inner_b = world.coverage(b) == 1
-        assert (arr[inner_a] == world.PALETTE[a.colour]).all() and (arr[inner_b] == world.PALETTE[b.colour]).all()
-        untouched = (world.coverage(a) == 0) & (world.coverage(b) == 0)
-        assert (arr[untouched] == world.PALETTE[a.background]).all()
-
-
-def test_base_data_without_pairs_is_unchanged_and_pairs_come_at_their_share():
-    from customize.toy.base import ToyImages
-
-    plain, mixed = ToyImages(400, 0), ToyImages(400, 0, pair_fraction=0.3)
-    texts = [mixed[i]["text"] for i in range(400)]
-    pairs = [i for i, t in enumerate(texts) if " and " in t]
-    assert 0.2 < len(pairs) / 400 < 0.4
-    for i in range(400):
-        if i not in pairs:  # every other example is exactly the single-shape one
-            assert texts[i] == plain[i]["text"]
-            assert np.array_equal(mixed[i]["pixel_values"].numpy(), plain[i]["pixel_values"].numpy())
-    assert all(" and " not in plain[i]["text"] for i in range(400))
-    from customize.toy.base import ToyBaseConfig
-
-    with pytest.raises(ValueError, match="pair_fraction must be in"):
-        ToyBaseConfig(pair_fraction=1.0)
-
-
 def test_subject_and_style_sets_hold_out_what_they_promise():
     subs = world.subject_scenes(5)
     assert {s.shape for s in subs} == {world.SUBJECT.shape}

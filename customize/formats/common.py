@@ -1,7 +1,7 @@
 """What the LoRA and embedding readers share: the error type, the model families and how to name them, and
 reading tensor files with errors that say what to do.
 
-Families are told apart by the width of the text features the UNet attends to (SPECS section 5):
+Families are told apart by the width of the text features the UNet attends to (docs/formats.md, 'Base families'):
 SD 1.x conditions on CLIP ViT-L (768 wide), SD 2.x on OpenCLIP ViT-H (1024), SDXL on CLIP ViT-L and
 OpenCLIP ViT-bigG concatenated (768 + 1280 = 2048).
 """

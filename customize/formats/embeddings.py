@@ -1,4 +1,5 @@
-"""Textual-inversion embedding files (Gal et al.; SPECS section 2): read, write, and load into a pipeline.
+"""Textual-inversion embedding files (Gal et al.; docs/formats.md, 'Textual-inversion embeddings'): read, write,
+and load into a pipeline.
 
   diffusers   learned_embeds.safetensors {token: (n, d)}, plus learned_embeds_2.safetensors for SDXL's second
               text encoder; learned_embeds.bin holds the same dict as a pickle

@@ -46,7 +46,8 @@ VAE_CONFIG = dict(
     sample_size=world.IMAGE_SIZE,
 )
 # Cross-attention at 8x8 and 4x4, where the layout and colours are decided; none at 16x16, where 256 tokens
-# would cost a third of the step (`--attention_at_full_res` puts it back, one head).
+# would cost a third of the step (and localised words no better:
+# docs/findings.md, 'Removed base-training variants').
 UNET_CONFIG = dict(
     in_channels=4, out_channels=4, block_out_channels=(16, 32, 64), layers_per_block=1,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -54,15 +55,14 @@ UNET_CONFIG = dict(
     attention_head_dim=(1, 4, 4),  # diffusers' name for the number of heads per level
     norm_num_groups=8,
 )
-UNET_FULL_RES_ATTENTION = dict(down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3)
 TEXT_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, hidden_act="gelu")
-# Stable Diffusion 1.x's noise schedule (scaled_linear betas 0.00085..0.012, 1000 steps; SPECS.md section 1),
-# rescaled to zero terminal SNR, with v-prediction and trailing DDIM timesteps (Lin et al. 2024, "Common diffusion
-# noise schedules and sample steps are flawed"). SD's own schedule leaves sqrt(alpha_bar_T) = 0.068 of the image
-# in x_T; on 16x16 latents of flat colours that leak (the latent mean) is as large as the noise's own mean (std
-# 1/16), so a model trained on it takes the background colour from the starting noise instead of the prompt.
-# Measured here after 1000 steps of stage 2 (96 held-out captions): background 96% with the rescaled schedule,
-# 12% (chance: 17%) with SD's schedule at beta_end 0.02, and no better at 0.012.
+# Stable Diffusion 1.x's noise schedule (scaled_linear betas 0.00085..0.012, 1000 steps;
+# docs/methods.md, 'Beta schedules'), rescaled to zero terminal SNR, with v-prediction and trailing DDIM timesteps
+# (Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed"). SD's own schedule leaves
+# sqrt(alpha_bar_T) = 0.068 of the image in x_T; on 16x16 latents of flat colours that leak (the latent mean) is as
+# large as the noise's own mean (std 1/16), so a model trained on it takes the background colour from the starting
+# noise instead of the prompt. Measured here after 1000 steps of stage 2 (96 held-out captions): background 96% with
+# the rescaled schedule, 12% (chance: 17%) with SD's schedule at beta_end 0.02, and no better at 0.012.
 SD_SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
@@ -91,10 +91,6 @@ class ToyBaseConfig(TrainConfig):
     unet_learning_rate: float = 1e-3
     text_encoder_learning_rate: float | None = field(default=None, metadata={"help": "Default: unet_learning_rate."})
     caption_dropout: float = field(default=0.1, metadata={"help": "Share of empty captions (for classifier-free guidance)."})
-    pair_fraction: float = field(default=0.0, metadata={
-        "help": "Share of stage-2 examples with two shapes, each named with its colour and position "
-                "(world.pair_example). Tried at 0.3 to make cross-attention localise words; it did not "
-                "(bench/toy_attention.py, notes in customize/toy/experiments.py)."})
     grounding_loss_weight: float = field(default=0.1, metadata={
         "help": "Weight of the token-grounding loss (customize.toy.grounding): each caption word's cross-attention "
                 "is pulled into the region it names (the shape's words onto the shape's mask, the background's "
@@ -105,8 +101,6 @@ class ToyBaseConfig(TrainConfig):
     zero_terminal_snr: bool = field(default=True, metadata={
         "help": "SD's betas rescaled to zero terminal SNR, v-prediction, trailing timesteps (Lin et al. 2024); "
                 "false: SD 1.x's epsilon schedule as is (the background colour then follows the noise, not the prompt)."})
-    attention_at_full_res: bool = field(default=False, metadata={
-        "help": "Cross-attention at the 16x16 latent level too (one head): slower, as in SD's layout."})
     validation_guidance: float = 4.0
     validation_inference_steps: int = 25
     train_batch_size: int = 64
@@ -121,13 +115,8 @@ class ToyBaseConfig(TrainConfig):
         super().__post_init__()
         if not 0.0 <= self.clutter_fraction < 1.0:
             raise ValueError(f"clutter_fraction must be in [0, 1), got {self.clutter_fraction}")
-        if not 0.0 <= self.pair_fraction < 1.0:
-            raise ValueError(f"pair_fraction must be in [0, 1), got {self.pair_fraction}")
         if self.grounding_loss_weight < 0:
             raise ValueError(f"grounding_loss_weight must be >= 0, got {self.grounding_loss_weight}")
-        if self.grounding_loss_weight and self.pair_fraction:
-            raise ValueError("the grounding loss needs one shape per image: set pair_fraction to 0, or "
-                             "grounding_loss_weight to 0 to train with two-shape scenes")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
 
@@ -142,18 +131,17 @@ class ToyImages(Dataset):
     function of (seed, i). With `clutter_fraction`, that share of the examples are generic clutter images with
     an empty caption (VAE data only). With `crop_size`, a random crop of that size (drawn from python's
     `random`, which the engine seeds per example): the VAE is convolutional, and a 16-px crop costs a quarter of
-    a whole image, so the VAE gets four times the optimizer steps for the same time. With `pair_fraction`, that
-    share of the (non-clutter) examples show two shapes (`world.pair_example`). With `masks`, each example also
-    has "shape_mask": (H, W), the share of each pixel the shape covers (for the grounding loss)."""
+    a whole image, so the VAE gets four times the optimizer steps for the same time. With `masks`, each example
+    also has "shape_mask": (H, W), the share of each pixel the shape covers (for the grounding loss)."""
 
     def __init__(self, n: int, seed: int = 0, split: str = "train", clutter_fraction: float = 0.0,
-                 crop_size: int | None = None, pair_fraction: float = 0.0, masks: bool = False):
+                 crop_size: int | None = None, masks: bool = False):
         if crop_size is not None and not 0 < crop_size <= world.IMAGE_SIZE:
             raise ValueError(f"crop_size must be in (0, {world.IMAGE_SIZE}], got {crop_size}")
         self.n, self.seed, self.split, self.clutter_fraction, self.crop_size = n, seed, split, clutter_fraction, crop_size
-        self.pair_fraction, self.masks = pair_fraction, masks
-        if masks and (clutter_fraction or pair_fraction or crop_size):
-            raise ValueError("shape masks are for whole single-shape scenes (no clutter, pairs or crops)")
+        self.masks = masks
+        if masks and (clutter_fraction or crop_size):
+            raise ValueError("shape masks are for whole single-shape scenes (no clutter or crops)")
 
     def __len__(self) -> int:
         return self.n
@@ -164,9 +152,6 @@ class ToyImages(Dataset):
     def __getitem__(self, i: int) -> dict:
         if self.is_clutter(i):
             pixels, text = pil_to_tensor(world.to_image(world.clutter_array(self.seed, i))), ""
-        elif self.pair_fraction and world.scene_rng(self.seed, i, "pair?").random() < self.pair_fraction:
-            scenes, text = world.pair_example(self.seed, i, self.split)
-            pixels = pil_to_tensor(world.render_pair(scenes))  # (3, H, W)
         else:
             scene, text = world.base_example(self.seed, i, self.split)
             pixels = pil_to_tensor(world.render(scene))  # (3, H, W)
@@ -207,8 +192,7 @@ def new_vae(seed: int = 0):
     return AutoencoderKL(**VAE_CONFIG)
 
 
-def new_pipeline(vae, tokenizer=None, seed: int = 0, zero_terminal_snr: bool = True,
-                 attention_at_full_res: bool = False):
+def new_pipeline(vae, tokenizer=None, seed: int = 0, zero_terminal_snr: bool = True):
     """A StableDiffusionPipeline around a trained `vae`: a fresh text encoder and UNet sized for its latents,
     the toy tokenizer, a DDIM scheduler (SCHEDULER_CONFIG, or SD's own with `zero_terminal_snr=False`)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -227,7 +211,7 @@ def new_pipeline(vae, tokenizer=None, seed: int = 0, zero_terminal_snr: bool = T
     torch.manual_seed(seed + 1)
     unet = UNet2DConditionModel(
         sample_size=vae.config.sample_size // vae_scale_factor(vae), cross_attention_dim=text_cfg.hidden_size,
-        **{**UNET_CONFIG, **(UNET_FULL_RES_ATTENTION if attention_at_full_res else {})},
+        **UNET_CONFIG,
     )
     scheduler = DDIMScheduler(**(SCHEDULER_CONFIG if zero_terminal_snr else SD_SCHEDULER_CONFIG))
     return StableDiffusionPipeline(
@@ -460,11 +444,10 @@ def train_toy_base(cfg: ToyBaseConfig) -> ToyBaseResult:
     seconds["vae"] = time.perf_counter() - start
 
     tokenizer = toy_tokenizer(seed=cfg.data_seed)
-    pipe = new_pipeline(vae, tokenizer, cfg.seed, cfg.zero_terminal_snr, cfg.attention_at_full_res)
+    pipe = new_pipeline(vae, tokenizer, cfg.seed, cfg.zero_terminal_snr)
     unet_cfg = replace(cfg, output_dir=str(out / "stage2-unet"), max_train_steps=cfg.unet_train_steps,
                        learning_rate=cfg.unet_learning_rate)
-    data = ToyImages(cfg.num_train_images, cfg.data_seed, pair_fraction=cfg.pair_fraction,
-                     masks=bool(cfg.grounding_loss_weight))
+    data = ToyImages(cfg.num_train_images, cfg.data_seed, masks=bool(cfg.grounding_loss_weight))
     result = train(TextUNetStage(tokenizer, pipeline_dir), pipe, data, unet_cfg)
     final["unet"] = result.losses[-1]
     seconds["total"] = time.perf_counter() - start

@@ -75,35 +75,10 @@ def _run(method, cfg, base, build_dataset=None, prompt_for=None) -> Run:
     return Run(pipe, seconds, trained, cfg.output_dir, list(result.losses), prompt_for or (lambda prompt: prompt))
 
 
-# Settings measured on the toy model (bench/toy_quality.py, bench/toy_background_study.py). The toy UNet has no
-# attention at 16x16, where the cross's thin arms and the stripes are drawn, so an attention-only LoRA cannot reach
-# them (rank 8, 300 steps: subject 0%, style 17%); adapting the ResNet convolutions too does ("attention+conv").
-#
-# How the subject came apart from its backgrounds (issue 4, point 2; 16 seeds per unseen background):
-# - On a base trained without the grounding loss, every word's cross-attention is close to uniform over the image
-#   (bench/toy_attention.py: shape words 0.9-2.0x as much on the shape as off it, background words 0.8-1.1x), so
-#   the prompt acts as one pooled vector and the LoRA binds "sks" to the backgrounds its images showed. Nothing
-#   tried on that base separated them: with white + yellow instance images the default LoRA gave subject / prompt
-#   fidelity 78% / 31%, with prior preservation 3% / 88%; text-encoder LoRA, Custom Diffusion's K/V-only LoRA, a loss
-#   masked to the subject, min-SNR weighting, training on t < 500 only, other background pairs, more steps and
-#   captioned class images all traded one half for the other, and subject AND asked background stayed at 19-25%.
-#   Bases retrained with cross-attention at 16x16 (--attention_at_full_res) or two-shape scenes (--pair_fraction)
-#   localised no better (1.1-3.0x) and bound harder (unseen prompt fidelity 0%).
-# - The token-grounding loss (customize.toy.grounding, --grounding_loss_weight 0.1, the committed base) makes the
-#   words localise (shape words > 800x, background words 0.00-0.17x). On it the background is kept (prompt fidelity
-#   97-100% at these defaults) and what is left is the subject's shape on backgrounds it was not shown on: with
-#   white + yellow instance images 50% (black 0/8), with white + black 34-72% depending on the training seed (a
-#   magenta circle instead of the cross, and a magenta cross on red fading into the red). Shown on three
-#   backgrounds (white, black, yellow: the committed subject images), training seeds 0-7 give subject fidelity
-#   85, 85, 98, 94, 77, 90, 71, 67% on red, green and blue, prompt fidelity 100% but seed 3's 69% (only red ever
-#   fails; `bench/toy_background_study.py --variants defaults --train_seeds 0-7`, features cached a training batch
-#   at a time; with 8 at a time the same seeds gave 100, 94, 100, 67, 100, 92, 83, 69% / 100%: the spread is the
-#   training's, not the code's). A base without the grounding loss gives 58-65% / 52-54% (21-25% both).
-# - Prior preservation on that base (50 class images "a shape on a <bg> background", every background): drift
-#   92% -> 2% but the subject is lost (0%; 31% / drift 31% after 1200 steps; prior weight 0.3: 0% / 17%; with the
-#   text-encoder LoRA 25% / 4%, 1000 steps 38% / 4%). Uncaptioned class images ("a shape") keep the subject (62%) but
-#   not the class prompt with a background (drift 100%). Pivotal tuning with the same prior: subject 75, 94, 96, 75,
-#   65, 100, 94, 90% for training seeds 0-7, drift 0-4%: a trained word is what lets the prior and the subject coexist.
+# Settings measured on the toy model (bench/toy_quality.py, bench/toy_background_study.py; figures in
+# docs/findings.md). The toy UNet has no attention at 16x16, where the cross's thin arms and the stripes are
+# drawn, so the LoRA adapts the ResNet convolutions too ("attention+conv";
+# docs/findings.md, 'LoRA targets on the toy UNet').
 LORA_DEFAULTS = dict(rank=16, learning_rate=3e-3, max_train_steps=600, train_batch_size=4, lora_target="attention+conv")
 FULL_DEFAULTS = dict(learning_rate=2e-4, max_train_steps=300, train_batch_size=4)
 
@@ -167,8 +142,7 @@ def dreambooth_full(output_dir, *, base=BASE_DIR, instance_dir=SUBJECT_DIR, with
                        progress=progress, overrides=overrides, class_backgrounds=class_backgrounds)
 
 
-# A texture over 8 images takes longer than a subject: stripes on unseen shapes 69% after 1000 steps, 94% after 1500
-# (48 images each).
+# A texture over 8 images takes longer than a subject (docs/findings.md, 'Style LoRA steps').
 STYLE_OVERRIDES = dict(max_train_steps=1500)
 
 

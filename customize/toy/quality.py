@@ -1,5 +1,5 @@
 """Scoring a model on the toy world: generate from prompts whose meaning is known, read the images with the
-probes, and reduce the readings to the measures of TOYWORLD.md.
+probes, and reduce the readings to the measures of docs/toy-world.md, 'Measures'.
 
 - prompt accuracy (base model): per attribute, the share of images whose probe reading matches the caption;
 - subject fidelity: the share of images of "a sks shape on a <bg> background" showing the subject (its shape AND

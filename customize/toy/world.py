@@ -216,10 +216,9 @@ def stripe_mask(image_size: int = IMAGE_SIZE, style: Style = STYLE, supersample:
     return np.broadcast_to(rows[:, None], (image_size, image_size)).copy()
 
 
-def render_array(scene: Scene, image_size: int = IMAGE_SIZE, canvas: np.ndarray | None = None) -> np.ndarray:
-    """(H, W, 3) float32 RGB in [0, 255]: the background (or `canvas`, an image to draw the shape over), the
-    shape's colour blended by coverage, stripes on top."""
-    bg = np.asarray(PALETTE[scene.background], dtype=np.float32) if canvas is None else canvas
+def render_array(scene: Scene, image_size: int = IMAGE_SIZE) -> np.ndarray:
+    """(H, W, 3) float32 RGB in [0, 255]: the background, the shape's colour blended by coverage, stripes on top."""
+    bg = np.asarray(PALETTE[scene.background], dtype=np.float32)
     fg = np.asarray(PALETTE[scene.colour], dtype=np.float32)
     cov = coverage(scene, image_size)[..., None]  # (H, W, 1)
     shape_rgb = np.broadcast_to(fg, cov.shape[:2] + (3,))
@@ -447,34 +446,6 @@ def base_example(seed: int, index: int, split: str = "train") -> tuple[Scene, st
     rng = scene_rng(seed, index, split)
     scene = sample_scene(rng, split)
     return scene, caption(scene, rng if split == "train" else None)
-
-
-# Two shapes in one image: both small, in two different corners (they cannot overlap), each a training
-# (colour, shape, background) triple; captioned with every attribute of each, in drawing order.
-PAIR_POSITIONS = ("top left", "top right", "bottom left", "bottom right")
-
-
-def pair_example(seed: int, index: int, split: str = "train") -> tuple[tuple[Scene, Scene], str]:
-    """Example `index` of the two-shape data: ((first, second), caption), e.g. "a red circle at the top left and
-    a blue square at the bottom right on a green background". The two shapes differ in colour; the background is
-    shared. Mixed into base training with ToyBaseConfig.pair_fraction: each of the caption's words then describes
-    part of the image only."""
-    rng = scene_rng(seed, index, f"pair-{split}")
-    first = sample_scene(rng, split)
-    colours = tuple(c for c in BASE_COLOURS if c != first.colour)
-    second = sample_scene(rng, split, colours=colours, backgrounds=(first.background,))
-    where = rng.permutation(len(PAIR_POSITIONS))[:2]
-    jitter = lambda: tuple(float(v) for v in rng.uniform(-MAX_JITTER, MAX_JITTER, size=2))  # noqa: E731
-    first = replace(first, size="small", position=PAIR_POSITIONS[where[0]], jitter=jitter())
-    second = replace(second, size="small", position=PAIR_POSITIONS[where[1]], jitter=jitter())
-    phrase = lambda s: f"a {s.colour} {s.shape} {POSITION_PHRASES[s.position]}"  # noqa: E731
-    return (first, second), f"{phrase(first)} and {phrase(second)} on a {first.background} background"
-
-
-def render_pair(scenes: tuple[Scene, Scene], image_size: int = IMAGE_SIZE) -> Image.Image:
-    """Both shapes over their shared background (the second drawn over the first where anti-aliased edges meet)."""
-    first, second = scenes
-    return to_image(render_array(second, image_size, canvas=render_array(first, image_size)))
 
 
 def heldout_prompts(n: int = 200, seed: int = 0) -> list[tuple[str, Scene]]:
