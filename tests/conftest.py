@@ -27,8 +27,17 @@ def pytest_configure(config):
 
 @pytest.fixture(autouse=True)
 def _deterministic():
+    """Seed torch, and give the next test the process-wide torch settings this one found: a test (or a command it
+    runs in-process, e.g. `customize demo`, which sets one thread when OMP_NUM_THREADS is unset) that changes the
+    thread count would otherwise run every later test on other float kernels than when run alone."""
+    threads, dtype, grad = torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled()
+    deterministic = torch.are_deterministic_algorithms_enabled()
     torch.manual_seed(0)
     yield
+    torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
+    torch.set_grad_enabled(grad)
+    torch.use_deterministic_algorithms(deterministic)
 
 
 @pytest.fixture

@@ -19,13 +19,22 @@ def _bench():
     return module
 
 
-def test_committed_base_localises_words_in_every_cross_attention_layer_and_processors_are_restored():
-    import math
-
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one torch thread, given back afterwards (set and left at 1, every later test in the process
+    ran on one thread, with other float kernels than when run alone)."""
     import torch
 
-    bench = _bench()
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_committed_base_localises_words_in_every_cross_attention_layer_and_processors_are_restored(one_thread):
+    import math
+
+    bench = _bench()
     pipe = experiments.load_base()
     before = {name: type(p) for name, p in pipe.unet.attn_processors.items()}
     rows = bench.locality(pipe, n=4)

@@ -197,9 +197,20 @@ def _command(out: Path, *extra: str) -> list[str]:
             "--dropout", "0.1", "--ema_decay", "0.9", *TINY, *extra]
 
 
+# The recipe run with DDPM given an after_step hook that sleeps (the method has none; the engine calls it after each
+# optimizer step and it touches no weight or RNG), as tests/engine_toy.py's --slow does for tests/test_resume.py.
+# Usage: python -c SLOW_RECIPE SECONDS RECIPE [flags].
+SLOW_RECIPE = ("import runpy, sys, time; from customize.methods.ddpm import DDPM; seconds = float(sys.argv.pop(1)); "
+               "DDPM.after_step = lambda self, model, cfg: time.sleep(seconds); "
+               "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    proc = subprocess.Popen(_command(cut), env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # The run to kill sleeps 0.25 s after each step, so the kill lands between checkpoint 20 and the end (100 more
+    # steps: over 25 s), however fast the machine.
+    slow = [sys.executable, "-c", SLOW_RECIPE, "0.25", *_command(cut)[1:]]
+    proc = subprocess.Popen(slow, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 180
     while not ckpt.list_checkpoints(cut):
         if proc.poll() is not None:

@@ -120,9 +120,15 @@ def test_lr_schedule_scale_lr_and_logged_extras(tmp_path):
 
 
 def test_bf16_autocast_keeps_fp32_master_weights(tmp_path):
-    model, result = run(cfg_for(tmp_path, max_train_steps=3, mixed_precision="bf16"))
+    cfg = cfg_for(tmp_path, max_train_steps=3, mixed_precision="bf16")
+    torch.manual_seed(cfg.seed)
+    model = ToyModel(cfg.deterministic)
+    before = {k: v.clone() for k, v in model.body.state_dict().items()}
+    result = train(ToyMethod(), model, ToyData(cfg.n_examples, cfg.deterministic), cfg)
     assert all(math.isfinite(x) for x in result.losses)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+    after = model.body.state_dict()
+    assert all(not torch.equal(v, after[k]) for k, v in before.items()), "bf16 training did not change the weights"
 
 
 def test_workers_do_not_change_the_result(tmp_path):
