@@ -23,7 +23,7 @@ from customize.core import DDIMScheduler, DDPMScheduler
 from customize.core.train import ddpm_loss, sample
 from customize.core.unet import UNet, UNetConfig, from_diffusers_config
 from customize.training import TrainConfig
-from customize.utils import atomic_dir, atomic_path
+from customize.utils import atomic_pipeline_dir
 
 # Beta schedules diffusers' DDPMScheduler knows by name; others are exported as trained_betas.
 DIFFUSERS_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
@@ -205,8 +205,8 @@ def _diffusers_scheduler_config(scheduler) -> dict:
 
 
 def save_ddpm(model: DDPMModel, out_dir) -> Path:
-    """Write model_index.json, unet/ (UNet2DModel config + safetensors) and scheduler/ into `out_dir`; each part
-    is replaced atomically. Returns `out_dir`."""
+    """Write model_index.json, unet/ (UNet2DModel config + safetensors) and scheduler/ into `out_dir`, swapped in
+    whole by the shared pipeline writer (`customize.utils.atomic_pipeline_dir`). Returns `out_dir`."""
     import diffusers
 
     out_dir = Path(out_dir)
@@ -215,18 +215,15 @@ def save_ddpm(model: DDPMModel, out_dir) -> Path:
         reference = diffusers.UNet2DModel(**unet.diffusers_config())
         reference.load_state_dict(unet.diffusers_state_dict())
         unet = reference
-    with atomic_dir(out_dir / "unet") as tmp:
-        unet.save_pretrained(tmp, safe_serialization=True)
     scheduler = diffusers.DDPMScheduler.from_config(_diffusers_scheduler_config(model.noise_scheduler))
-    with atomic_dir(out_dir / "scheduler") as tmp:
-        scheduler.save_pretrained(tmp)
     index = {"_class_name": "DDPMPipeline", "_diffusers_version": diffusers.__version__,
              "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
-    with atomic_path(out_dir / "model_index.json") as tmp:
-        tmp.write_text(json.dumps(index, indent=2) + "\n")
-    if model.classes:
-        with atomic_path(out_dir / "classes.json") as tmp:
-            tmp.write_text(json.dumps(model.classes) + "\n")
+    with atomic_pipeline_dir(out_dir, parts=("classes.json",)) as tmp:
+        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        scheduler.save_pretrained(tmp / "scheduler")
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if model.classes:
+            (tmp / "classes.json").write_text(json.dumps(model.classes) + "\n")
     return out_dir
 
 

@@ -12,11 +12,7 @@ The output is a diffusers folder that `DiffusionPipeline.from_pretrained` loads.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -87,7 +83,10 @@ def build_dataset(pipe, cfg: DreamBoothConfig):
     """Check the resolution, generate the missing class images, and pair instance with class examples."""
     from customize.methods.class_images import generate_class_images
     from customize.models import model_info
+    from customize.utils import recover_dir
 
+    if cfg.output_dir:  # a previous run killed while saving its pipeline: its checkpoints back where resume looks
+        recover_dir(cfg.output_dir)
     if cfg.resolution is None:
         cfg.resolution = model_info(pipe).resolution
     sd.check_resolution(pipe, cfg.resolution)
@@ -153,21 +152,13 @@ def validate(pipe, cfg: DreamBoothConfig, step: int):
 
 
 def save(pipe, cfg: DreamBoothConfig, out_dir):
-    """`save_pretrained` of the whole pipeline into `out_dir`, via a temporary folder: each component folder is
-    moved in complete, and model_index.json (what from_pretrained opens first) comes last."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".pipeline.", suffix=".tmp", dir=out_dir))
-    try:
+    """`save_pretrained` of the whole pipeline into `out_dir` through `atomic_pipeline_dir`: the new pipeline is
+    written beside the folder and swapped in whole (the run's checkpoints and logs carried over), so a save
+    killed at any point leaves the old model or the new one, never a mix."""
+    from customize.utils import atomic_pipeline_dir
+
+    with atomic_pipeline_dir(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        entries = sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json")
-        for entry in entries:
-            dest = out_dir / entry.name
-            if dest.is_dir():
-                shutil.rmtree(dest)
-            os.replace(entry, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def model_card(cfg: DreamBoothConfig, kind: str = "DreamBooth (full fine-tune)", extra: dict | None = None) -> str:

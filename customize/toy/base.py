@@ -10,7 +10,7 @@ Two methods for the shared engine (`customize.training.train`), run one after th
 2. `TextUNetStage` trains the CLIP text encoder and the UNet2DConditionModel jointly on cached latents with the
    shared denoising loss (`customize.training.sd.batch_loss`: Ho et al.'s L_simple, optional min-SNR weighting),
    dropping captions at `caption_dropout` so classifier-free guidance works, and saves the whole pipeline with
-   the shared pipeline writer (`customize.methods.dreambooth.save`). A token-grounding loss on the cross-attention
+   the shared pipeline writer (`customize.utils.atomic_pipeline_dir`). A token-grounding loss on the cross-attention
    maps (`customize.toy.grounding`, `grounding_loss_weight` 0.1) teaches it to look for each word where it is
    drawn, as Stable Diffusion's own maps do; without it a DreamBooth subject cannot be moved to new backgrounds.
 
@@ -361,23 +361,25 @@ class TextUNetStage:
                       num_inference_steps=cfg.validation_inference_steps)
 
     def save(self, pipe, cfg: ToyBaseConfig, out_dir):
-        """The pipeline (shared writer: components first, model_index.json last), CLIP vocab files for old
-        transformers, and a model card, into `pipeline_dir` (`out_dir` keeps the run's checkpoints and logs)."""
-        from customize.methods import dreambooth
+        """The pipeline, CLIP vocab files for old transformers, and a model card, into `pipeline_dir` (`out_dir`
+        keeps the run's checkpoints and logs), all written beside it and swapped in whole by the shared pipeline
+        writer (`customize.utils.atomic_pipeline_dir`)."""
         from customize.training.tracking import write_model_card
+        from customize.utils import atomic_pipeline_dir
 
         if self._processors is not None:  # the recorders and the hook out, the UNet's own processors back
             pipe.unet.set_attn_processor(self._processors)
             self._timestep_hook.remove()
-        dreambooth.save(pipe, cfg, self.pipeline_dir)
-        write_clip_vocab_files(pipe.tokenizer, self.pipeline_dir / "tokenizer")
-        write_model_card(MODEL_CARD.format(
-            vae_steps=cfg.vae_train_steps, unet_steps=cfg.unet_train_steps, batch=cfg.train_batch_size,
-            n=cfg.num_train_images, held=len(world.HELD_OUT_COMBOS), subject=world.SUBJECT, style=world.STYLE,
-            dropout=round(100 * cfg.caption_dropout),
-            grounding=(f", token-grounding loss on the cross-attention maps at weight {cfg.grounding_loss_weight:g}"
-                       if cfg.grounding_loss_weight else ""),
-        ), self.pipeline_dir)
+        with atomic_pipeline_dir(self.pipeline_dir) as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            write_clip_vocab_files(pipe.tokenizer, tmp / "tokenizer")
+            write_model_card(MODEL_CARD.format(
+                vae_steps=cfg.vae_train_steps, unet_steps=cfg.unet_train_steps, batch=cfg.train_batch_size,
+                n=cfg.num_train_images, held=len(world.HELD_OUT_COMBOS), subject=world.SUBJECT, style=world.STYLE,
+                dropout=round(100 * cfg.caption_dropout),
+                grounding=(f", token-grounding loss on the cross-attention maps at weight {cfg.grounding_loss_weight:g}"
+                           if cfg.grounding_loss_weight else ""),
+            ), tmp)
 
 
 MODEL_CARD = """# Toy base model (customize)
@@ -423,10 +425,11 @@ def train_toy_base(cfg: ToyBaseConfig) -> ToyBaseResult:
     from diffusers import AutoencoderKL
 
     from customize.training import train
-    from customize.utils import seed_everything
+    from customize.utils import recover_dir, seed_everything
 
     out = Path(cfg.output_dir)
     pipeline_dir = Path(cfg.pipeline_dir or out / "pipeline")
+    recover_dir(pipeline_dir)  # what a run killed while saving it left
     seconds, final = {}, {}
     start = time.perf_counter()
     seed_everything(cfg.seed)
