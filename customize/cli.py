@@ -158,6 +158,36 @@ def _image_size(pipe, width: int | None, height: int | None) -> tuple[int, int]:
     return width, height
 
 
+def generate_device(spec: str):
+    """--device as a torch.device this machine has, or a ValueError that says which ones it has."""
+    import torch
+
+    from customize.utils import default_device
+
+    best = default_device().type
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {spec!r} is not a device name: use cuda, cuda:1, mps or cpu (this machine's best "
+                         f"is {best})") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"--device {spec}: {why}; use --device {best}, or leave --device out for the best "
+                             "available")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {spec}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(f"--device {spec}: MPS (Apple GPU) is not available here; use --device {best}, or "
+                             "leave --device out for the best available")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {spec}: generate runs on cuda, mps or cpu (this machine's best is {best})")
+    return device
+
+
 def _png_info(prompt: str, seed: int, args):
     from PIL.PngImagePlugin import PngInfo
 
@@ -180,6 +210,8 @@ def cmd_generate(args) -> int:
     from customize.utils import atomic_path, default_device
 
     prompts = _read_prompts(args)
+    if args.device:
+        generate_device(args.device)  # before anything is loaded
     loras = [parse_lora_spec(s) for s in args.lora or []]
     embeddings = [parse_embedding_spec(s) for s in args.embedding or []]
     for path, _ in loras + embeddings:
@@ -190,7 +222,7 @@ def cmd_generate(args) -> int:
 
     # diffusers warns, for instance, that a UNet-only LoRA has no text-encoder keys: true, and nothing to act on
     diffusers_logging.set_verbosity_error()
-    device = torch.device(args.device) if args.device else default_device()
+    device = generate_device(args.device) if args.device else default_device()
     pipe = load_pipeline(args.model, dtype=args.dtype, scheduler=args.scheduler)
     width, height = _image_size(pipe, args.width, args.height)
     for path, token in embeddings:

@@ -188,7 +188,7 @@ def test_bad_resolution_is_refused_before_any_output(tmp_path):
         sys.path.remove(str(ROOT / "recipes"))
     args = _args(tmp_path, "sd")
     args[args.index("--resolution") + 1] = "33"
-    with pytest.raises(ValueError, match="not a multiple of the VAE downsampling factor 2; use 32 or 34"):
+    with pytest.raises(ValueError, match="33: must be a positive multiple of 2 .*; use 32 or 34, or this model's native 32"):
         train_dreambooth_lora.main(args)
     assert not (tmp_path / "out").exists()
     assert parse_config(lora.LoRAConfig, args).resolution == 33  # the refusal comes from the model, not the parser

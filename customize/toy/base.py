@@ -35,6 +35,7 @@ from customize.data.transforms import pil_to_tensor
 from customize.toy import world
 from customize.toy.tokenizer import toy_tokenizer
 from customize.training import TrainConfig, sd
+from customize.training.config import check_learning_rate
 from customize.utils import atomic_path
 
 # Architectures (diffusers / transformers constructor arguments).
@@ -82,14 +83,15 @@ class ToyBaseConfig(TrainConfig):
     data_seed: int = field(default=0, metadata={"help": "Seed of the world examples (scenes, captions, clutter)."})
     num_train_images: int = field(default=20000, metadata={"help": "World examples per stage (clutter included for the VAE)."})
     clutter_fraction: float = field(default=0.5, metadata={"help": "Share of generic clutter images in the VAE data."})
-    vae_train_steps: int = 1500
-    vae_learning_rate: float = 2e-3
-    vae_batch_size: int = 32
+    vae_train_steps: int = field(default=1500, metadata={"help": "Optimizer steps of stage 1 (the VAE)."})
+    vae_learning_rate: float = field(default=2e-3, metadata={"help": "Learning rate of the VAE (> 0)."})
+    vae_batch_size: int = field(default=32, metadata={"help": "Examples per VAE micro-batch."})
     vae_crop_size: int | None = field(default=16, metadata={"help": "Train the VAE on random crops of this size (None: whole images)."})
     kl_weight: float = field(default=1e-4, metadata={"help": "Weight of the per-element KL term of the VAE loss."})
-    unet_train_steps: int = 5500
-    unet_learning_rate: float = 1e-3
-    text_encoder_learning_rate: float | None = field(default=None, metadata={"help": "Default: unet_learning_rate."})
+    unet_train_steps: int = field(default=5500, metadata={"help": "Optimizer steps of stage 2 (text encoder + UNet)."})
+    unet_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the UNet (> 0)."})
+    text_encoder_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate (> 0) of the text encoder; unset: unet_learning_rate."})
     caption_dropout: float = field(default=0.1, metadata={"help": "Share of empty captions (for classifier-free guidance)."})
     grounding_loss_weight: float = field(default=0.1, metadata={
         "help": "Weight of the token-grounding loss (customize.toy.grounding): each caption word's cross-attention "
@@ -101,8 +103,8 @@ class ToyBaseConfig(TrainConfig):
     zero_terminal_snr: bool = field(default=True, metadata={
         "help": "SD's betas rescaled to zero terminal SNR, v-prediction, trailing timesteps (Lin et al. 2024); "
                 "false: SD 1.x's epsilon schedule as is (the background colour then follows the noise, not the prompt)."})
-    validation_guidance: float = 4.0
-    validation_inference_steps: int = 25
+    validation_guidance: float = field(default=4.0, metadata={"help": "Classifier-free guidance of the validation images."})
+    validation_inference_steps: int = field(default=25, metadata={"help": "DDIM steps of each validation image."})
     train_batch_size: int = 64
     lr_scheduler: str = "cosine"
     lr_warmup_steps: int = 100
@@ -119,6 +121,12 @@ class ToyBaseConfig(TrainConfig):
             raise ValueError(f"grounding_loss_weight must be >= 0, got {self.grounding_loss_weight}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        check_learning_rate("vae_learning_rate", self.vae_learning_rate)
+        check_learning_rate("unet_learning_rate", self.unet_learning_rate)
+        check_learning_rate("text_encoder_learning_rate", self.text_encoder_learning_rate,
+                            unset="the same as unet_learning_rate")
+        if self.snr_gamma is not None and self.snr_gamma < 0:
+            raise ValueError(f"snr_gamma must be >= 0 (0 or unset: no weighting), got {self.snr_gamma}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -301,7 +309,8 @@ class TextUNetStage:
         pipe.text_encoder.requires_grad_(True)
         return [
             {"params": list(pipe.unet.parameters()), "lr": cfg.learning_rate},
-            {"params": list(pipe.text_encoder.parameters()), "lr": cfg.text_encoder_learning_rate or cfg.learning_rate},
+            {"params": list(pipe.text_encoder.parameters()),
+             "lr": cfg.learning_rate if cfg.text_encoder_learning_rate is None else cfg.text_encoder_learning_rate},
         ]
 
     def prepare(self, pipe, dataset, cfg: ToyBaseConfig, accelerator):

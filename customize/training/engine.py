@@ -252,6 +252,7 @@ def train(method, model, dataset, cfg: TrainConfig) -> TrainResult:
     if cfg.mixed_precision == "fp16" and any(p.dtype == torch.float16 for p in params):
         raise ValueError("mixed_precision=fp16 needs float32 trained parameters (the grad scaler cannot unscale "
                          "fp16 gradients): cast only frozen weights to fp16, or train in bf16")
+    cfg.check_runtime()  # fp16 without a GPU, 8-bit Adam / xformers not installed (parse_config checked it first)
     trained_ids = {id(p) for p in params}
     for m in modules.values():
         m.to(device)
