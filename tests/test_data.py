@@ -98,6 +98,29 @@ def test_data_errors_name_the_file(tmp_path):
     assert ds[1]["pixel_values"].shape == (3, 16, 16)
 
 
+def test_metadata_image_columns_stay_inside_the_folder(tmp_path):
+    from customize.data.captions import metadata_rows, read_metadata
+
+    data, other = tmp_path / "data", tmp_path / "other"
+    for d in (data, data / "sub", other):
+        d.mkdir()
+    for path in (data / "a.png", data / "sub" / "b.png", other / "c.png"):
+        _img(path)
+    meta = data / "metadata.jsonl"
+    meta.write_text(json.dumps({"file_name": "sub/../a.png", "conditioning_image_file_name": "./sub/b.png"}) + "\n")
+    (_, row), = metadata_rows(data)
+    assert row == {"file_name": data / "a.png", "conditioning_image_file_name": data / "sub" / "b.png"}
+    for column, name in [("file_name", "../other/c.png"), ("file_name", str(other / "c.png")),
+                         ("edited_image_file_name", "sub/../../other/c.png"), ("file_name", 5), ("file_name", None)]:
+        row = {"file_name": "a.png", column: name}
+        meta.write_text(json.dumps({"file_name": "a.png"}) + "\n" + json.dumps(row) + "\n")
+        with pytest.raises(CaptionError, match=rf'line 2: "{column}" '):
+            metadata_rows(data)
+    meta.write_text("".join(json.dumps({"file_name": n, "text": t}) + "\n" for n, t in [("a.png", "x"), ("./a.png", "y")]))
+    with pytest.raises(CaptionError, match=r"line 2: names 'a\.png' again \(line 1"):
+        read_metadata(data)
+
+
 def test_any_image_mode_becomes_rgb_in_range(tmp_path):
     paths = [
         _img(tmp_path / "rgba.png", mode="RGBA"), _img(tmp_path / "l.png", mode="L"),
