@@ -119,6 +119,9 @@ def test_metadata_image_columns_stay_inside_the_folder(tmp_path):
     meta.write_text("".join(json.dumps({"file_name": n, "text": t}) + "\n" for n, t in [("a.png", "x"), ("./a.png", "y")]))
     with pytest.raises(CaptionError, match=r"line 2: names 'a\.png' again \(line 1"):
         read_metadata(data)
+    meta.write_text(json.dumps({"file_name": "../other/c.png", "text": "x"}) + "\n")
+    with pytest.raises(CaptionError, match="is outside"):  # a datasets-library imagefolder gets the same rule
+        ImageCaptionDataset.from_hf(str(data), 16)
 
 
 def test_any_image_mode_becomes_rgb_in_range(tmp_path):

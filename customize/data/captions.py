@@ -2,6 +2,7 @@
 
 - `metadata.jsonl` in the image folder (the datasets library's `imagefolder` convention): one JSON object per
   line with `file_name` (relative to the folder) and a caption column (`text` by default, else `caption`).
+  Every image column (`file_name`, `<column>_file_name`) must name a file inside the folder (`metadata_rows`).
 - A sidecar text file beside each image (kohya's convention): `dog1.png` -> `dog1.txt` (or `dog1.caption`).
 A metadata line wins over a sidecar file.
 """

@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from customize.data.captions import images_and_captions
+from customize.data.captions import METADATA_FILE, images_and_captions, metadata_rows
 from customize.data.images import ImageError, load_image, to_rgb
 from customize.data.transforms import ImageTransform
 
@@ -139,6 +139,8 @@ def load_hf_dataset(name_or_path: str, split: str = "train", cache_dir: str | No
                 raise KeyError(f"{name_or_path} has splits {list(loaded)}, not {split!r}; pass --dataset_split")
             loaded = loaded[split]
         return loaded
+    if path.is_dir() and (path / METADATA_FILE).is_file():
+        metadata_rows(path)  # datasets' imagefolder opens what it names: the same rule as our own folders
     return datasets.load_dataset(name_or_path, split=split, cache_dir=cache_dir)
 
 
