@@ -81,3 +81,36 @@ def test_sigkill_during_the_final_save_leaves_the_old_model_or_the_new_one(tmp_p
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert not (out / SWAP_MANIFEST).exists()
     DiffusionPipeline.from_pretrained(str(out))
+
+
+def test_swap_without_an_exchange_call_and_its_recovery(tmp_path, monkeypatch):
+    """Where the system cannot exchange two paths in one step, the swap is two renames; a process killed between
+    them leaves the new folder complete beside a missing one, which recover_dir puts in place."""
+    import json
+
+    from customize import utils
+
+    monkeypatch.setattr(utils, "_exchange", lambda a, b: False)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "X"]}))
+    (out / "unet").mkdir()
+    (out / "unet" / "w").write_text("old")
+    (out / "checkpoint-1").mkdir()
+    with utils.atomic_pipeline_dir(out) as tmp:
+        (tmp / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "X"]}))
+        (tmp / "unet").mkdir()
+        (tmp / "unet" / "w").write_text("new")
+    assert (out / "unet" / "w").read_text() == "new" and (out / "checkpoint-1").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not (out / SWAP_MANIFEST).exists()
+
+    # the state between the two renames: `out` moved aside, the complete new folder (with its manifest) beside it
+    new, old = tmp_path / ".out.new", tmp_path / ".out.old"
+    out.rename(old)
+    new.mkdir()
+    (new / "unet").mkdir()
+    (new / "unet" / "w").write_text("newer")
+    (new / SWAP_MANIFEST).write_text(json.dumps(["unet"]))
+    utils.recover_dir(out)
+    assert (out / "unet" / "w").read_text() == "newer" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert not (out / SWAP_MANIFEST).exists()
