@@ -207,6 +207,8 @@ def _png_info(prompt: str, seed: int, args):
 
 
 def cmd_generate(args) -> int:
+    if args.device:
+        generate_device(args.device)  # before the seconds of importing diffusers and loading the model
     import torch
     from diffusers.utils import logging as diffusers_logging
     from tqdm.auto import tqdm
@@ -218,8 +220,6 @@ def cmd_generate(args) -> int:
     from customize.utils import atomic_path, default_device
 
     prompts = _read_prompts(args)
-    if args.device:
-        generate_device(args.device)  # before anything is loaded
     loras = [parse_lora_spec(s) for s in args.lora or []]
     embeddings = [parse_embedding_spec(s) for s in args.embedding or []]
     for path, _ in loras + embeddings:

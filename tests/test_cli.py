@@ -158,6 +158,28 @@ def test_demo_and_bench_are_passed_through_or_explained(monkeypatch, capsys):
     assert main(["bench"]) == 1 and "not available" in capsys.readouterr().err
 
 
+def test_generate_device_is_checked_before_anything_loads(monkeypatch):
+    from customize.cli import generate_device
+
+    assert generate_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="'gpu' is not a device name: use cuda, cuda:1, mps or cpu"):
+        generate_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device cuda:1: .*; use --device (cpu|mps), or leave --device out"):
+        generate_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="has 1 CUDA GPU"):
+        generate_device("cuda:1")
+    loaded = []
+    monkeypatch.setattr("customize.models.load_pipeline", lambda *a, **k: loaded.append(a))
+    with pytest.raises(ValueError, match="has 1 CUDA GPU"):
+        from customize.cli import cmd_generate, build_parser
+
+        cmd_generate(build_parser().parse_args(["generate", "-m", "tiny-sd", "-p", "x", "--device", "cuda:3"]))
+    assert not loaded
+
+
 def test_specs_and_help():
     assert parse_lora_spec("a/b.safetensors:0.75") == ("a/b.safetensors", 0.75)
     assert parse_lora_spec("a/b.safetensors") == ("a/b.safetensors", 1.0)

@@ -65,6 +65,34 @@ def test_captions_from_metadata_jsonl_and_sidecars(tmp_path, caplog):
     assert [ds[i]["prompt"] for i in range(2)] == ["sks dog", "sks dog"]
 
 
+def test_use_captions_on_a_folder_without_captions_warns_once(tmp_path, caplog):
+    data = tmp_path / "dogs"
+    data.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        _img(data / name)
+    with caplog.at_level(logging.WARNING, logger="customize.data.datasets"):
+        dreambooth_dataset(data, "a photo of sks dog", 16, use_captions=True)
+    (record,) = caplog.records
+    assert f"no image in {data} has" in record.getMessage() and "'a photo of sks dog'" in record.getMessage()
+    (data / "a.txt").write_text("a dog on grass")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="customize.data.datasets"):
+        dreambooth_dataset(data, "a photo of sks dog", 16, use_captions=True)
+        dreambooth_dataset(data, "a photo of sks dog", 16, use_captions=False)  # the prompt was asked for: silent
+    (record,) = caplog.records
+    assert f"2 of the 3 images in {data} have no caption" in record.getMessage()
+
+
+def test_decompression_bomb_is_an_image_error_naming_the_file(tmp_path):
+    from test_bad_input_options import _png_declaring
+
+    from customize.data import load_image
+
+    _png_declaring(tmp_path / "huge.png", 30000, 30000)
+    with pytest.raises(ImageError, match="huge.png: too large to open safely.*downscale it"):
+        load_image(tmp_path / "huge.png")
+
+
 def test_data_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         ImageCaptionDataset.from_folder(tmp_path / "nope", 16, prompt="p")

@@ -240,6 +240,81 @@ def test_parse_config_cli_yaml_json(tmp_path):
         parse_config(ToyConfig, ["--max_train_step", "3"])
 
 
+@pytest.mark.parametrize("text, error", [
+    ("max_train_steps: 2.9\n", r"max_train_steps: 2\.9 \(float\) is not an integer; write a whole number, e\.g\. 3"),
+    ("max_train_steps: ten\n", r"max_train_steps: 'ten' \(str\) is not an integer"),
+    ("learning_rate: fast\n", r"learning_rate: 'fast' \(str\) is not a number"),
+    ("learning_rate: [0.1]\n", r"learning_rate: \[0\.1\] \(a list\) is not a number"),
+    ("use_ema: maybe\n", r"use_ema: 'maybe' \(str\) is not true or false"),
+    ("seed: null\n", r"seed: null is not an integer; give a value or leave the key out"),
+    ("mixed_precision: no\n", r"mixed_precision: False \(bool\) is not a string; put the word in quotes, e\.g\. "
+                              r"mixed_precision: 'no'"),
+    ("checkpoints_total_limit: 1.5\n", r"checkpoints_total_limit: 1\.5 \(float\) is not an integer or null"),
+    ("max_train_steps: [\n", r"not valid YAML: .* at line 2, column 1"),
+])
+def test_config_file_values_are_type_checked(tmp_path, text, error):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ValueError, match=rf"config file .*c\.yaml: {error}"):
+        parse_config(ToyConfig, ["--config", str(tmp_path / "c.yaml")])
+
+
+def test_config_file_values_read_as_the_flags_read_them(tmp_path):
+    from customize.methods.ddpm import DDPMConfig
+
+    # PyYAML reads 1e-4 (no dot) as a string; quoted numbers and yes / no are what the flags would accept too
+    (tmp_path / "c.yaml").write_text("learning_rate: 1e-4\nmax_train_steps: '7'\nuse_ema: yes\nema_decay: 0\n"
+                                     "checkpoints_total_limit: null\n")
+    cfg = parse_config(ToyConfig, ["--config", str(tmp_path / "c.yaml")])
+    assert (cfg.learning_rate, cfg.max_train_steps, cfg.use_ema, cfg.ema_decay) == (1e-4, 7, True, 0.0)
+    assert isinstance(cfg.ema_decay, float) and cfg.checkpoints_total_limit is None
+    (tmp_path / "d.yaml").write_text("block_out_channels: 32\n")
+    with pytest.raises(ValueError, match=r"block_out_channels: 32 \(int\) is not a list of integers; .*\[32\]"):
+        parse_config(DDPMConfig, ["--config", str(tmp_path / "d.yaml"), "--dataset_name", "digits"])
+    (tmp_path / "d.yaml").write_text("block_out_channels: [16, 32.5]\n")
+    with pytest.raises(ValueError, match=r"block_out_channels\[1\]: 32\.5"):
+        parse_config(DDPMConfig, ["--config", str(tmp_path / "d.yaml"), "--dataset_name", "digits"])
+    (tmp_path / "e.json").write_text('{"seed": 1,}')
+    with pytest.raises(ValueError, match=r"e\.json: not valid JSON: .* line 1, column 12"):
+        parse_config(ToyConfig, ["--config", str(tmp_path / "e.json")])
+
+
+def test_options_the_machine_cannot_run_are_refused_while_parsing(monkeypatch):
+    import importlib.util
+
+    from customize.training import config
+
+    monkeypatch.setattr(config, "_fp16_device_available", lambda: False)
+    with pytest.raises(ValueError, match="mixed_precision fp16 needs a GPU .* use --mixed_precision bf16"):
+        parse_config(ToyConfig, ["--mixed_precision", "fp16"])
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("bitsandbytes", "xformers") else real_find_spec(name, *a))
+    for flag, package in (("--use_8bit_adam", "bitsandbytes"),
+                          ("--enable_xformers_memory_efficient_attention", "xformers")):
+        with pytest.raises(config.MissingDependencyError, match=f"needs {package}, which is not installed: pip install"):
+            parse_config(ToyConfig, [flag])
+    assert issubclass(config.MissingDependencyError, ValueError)  # customize.cli.USER_ERRORS: one line
+    with pytest.raises(ValueError, match="learning_rate must be > 0, got -0.1"):
+        ToyConfig(learning_rate=-0.1)
+
+
+def test_every_option_has_a_help_text_and_shows_its_default():
+    from customize.methods import ddpm, dreambooth, lora, pivotal, textual_inversion
+    from customize.toy.base import ToyBaseConfig
+    from customize.training.config import build_config_parser
+
+    for cls in (TrainConfig, dreambooth.DreamBoothConfig, lora.LoRAConfig, pivotal.PivotalConfig,
+                textual_inversion.TextualInversionConfig, ddpm.DDPMConfig, ToyBaseConfig):
+        parser = build_config_parser(cls)
+        for action in parser._actions:
+            assert action.help and action.help.strip(), f"{cls.__name__}: --{action.dest} has no help text"
+        text = " ".join(parser.format_help().split())
+        # a subclass that only changes a default keeps the base field's help, with its own default
+        assert "--max_train_steps MAX_TRAIN_STEPS, --max-train-steps MAX_TRAIN_STEPS Number of optimizer steps. " \
+               f"(default: {cls.max_train_steps})" in text, cls
+        assert f"(default: {cls.learning_rate})" in text and "--no_progress, --no-progress Turn progress off" in text
+
+
 def test_lora_unet_with_gradient_checkpointing_and_compile(tmp_path):
     """A peft LoRA on a tiny diffusers UNet trains through the engine with gradient checkpointing and
     torch.compile on: base weights bitwise unchanged, LoRA B (zero at init) moved, state-dict keys intact."""

@@ -17,7 +17,6 @@ import logging
 from typing import Sequence
 
 import torch
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from customize.models import is_sdxl, vae_scale_factor
 from customize.training.losses import diffusion_loss
@@ -133,6 +132,9 @@ def image_moments(vae, pixel_values: torch.Tensor) -> torch.Tensor:
 
 def latents_from_moments(vae, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """z ~ q(z | x), then the SD latent normalisation z' = (z - shift_factor) * scaling_factor."""
+    # imported here: diffusers' model modules take seconds to import, and a recipe refuses bad options before
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
     latents = DiagonalGaussianDistribution(moments).sample(generator)  # (B, C, h, w)
     shift = getattr(vae.config, "shift_factor", None)
     if shift:
