@@ -188,13 +188,14 @@ def test_bad_resolution_is_refused_before_any_output(tmp_path):
         sys.path.remove(str(ROOT / "recipes"))
     args = _args(tmp_path, "sd")
     args[args.index("--resolution") + 1] = "33"
-    with pytest.raises(ValueError, match="33: must be a positive multiple of 2 .*; use 32 or 34, or this model's native 32"):
+    with pytest.raises(ValueError, match=r"33 is not a positive multiple of the VAE downsampling factor 2; use 32 or 34 "
+                                         r"\(this model's native size is 32\)"):
         train_dreambooth_lora.main(args)
     assert not (tmp_path / "out").exists()
     assert parse_config(lora.LoRAConfig, args).resolution == 33  # the refusal comes from the model, not the parser
     pipe = tiny_pipeline("sd")
-    with pytest.raises(ValueError, match=r"resolution 1: must be a positive multiple of 2 .*; use 2, or this model's "
-                                         r"native 32$"):
+    with pytest.raises(ValueError, match=r"resolution 1 is not a positive multiple of .* 2; use 2 \(this model's "
+                                         r"native size is 32\)$"):
         sd.check_resolution(pipe, 1)
     with pytest.raises(ValueError, match="resolution must be a positive number of pixels.*got 0.*native size"):
         parse_config(lora.LoRAConfig, [*args, "--resolution", "0"])  # before the model loads

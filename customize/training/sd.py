@@ -118,8 +118,8 @@ def check_resolution(pipe, resolution: int) -> None:
     if resolution <= 0 or resolution % factor:
         nearest = sorted({max(factor, resolution // factor * factor), max(factor, (resolution // factor + 1) * factor)})
         raise ValueError(
-            f"resolution {resolution}: must be a positive multiple of {factor} (the VAE's downsampling factor); "
-            f"use {' or '.join(map(str, nearest))}, or this model's native {model_info(pipe).resolution}"
+            f"resolution {resolution} is not a positive multiple of the VAE downsampling factor {factor}; use "
+            f"{' or '.join(map(str, nearest))} (this model's native size is {model_info(pipe).resolution})"
         )
 
 
