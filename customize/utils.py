@@ -32,6 +32,7 @@ def atomic_path(path: str | os.PathLike):
     try:
         yield Path(tmp)
         os.chmod(tmp, _file_mode())
+        _test_pause(f"publish-{path.name}")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -47,7 +48,8 @@ SWAP_MANIFEST = ".customize-swap.json"
 INPLACE_NEW = ".customize-new"  # the new content, inside a folder that is a mount point (cannot be renamed)
 # Test-only: "<stage>:<file>" makes atomic_dir create <file> and sleep when it reaches <stage> ("written": new
 # content complete; "carried": the first old entry carried over; "swapped": new folder in place, old one not yet
-# removed), so a test can SIGKILL it there (tests/test_atomic_save.py).
+# removed), so a test can SIGKILL it there (tests/test_atomic_save.py); "publish-<name>" does the same in
+# atomic_path, with the new <name> complete as its temporary file and not yet renamed (tests/test_bad_input_runs.py).
 TEST_PAUSE_ENV = "CUSTOMIZE_TEST_SWAP_PAUSE"
 
 

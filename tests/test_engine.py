@@ -8,7 +8,7 @@ import torch
 from engine_toy import ToyConfig, ToyData, ToyMethod, ToyModel, run
 from safetensors.torch import load_file
 
-from customize.training import TrainConfig, parse_config, train
+from customize.training import TrainConfig, TrainingError, parse_config, train
 from customize.training import checkpoint as ckpt
 from customize.training.ema import EMA
 
@@ -67,7 +67,7 @@ def test_checkpoint_limit_and_partial_checkpoints(tmp_path):
     assert state["global_step"] == 6 and state["losses"] == result.losses[:6]
     assert ckpt.resolve_resume(out, "latest") == out / "checkpoint-6"
     assert ckpt.resolve_resume(out, "checkpoint-4") == out / "checkpoint-4"
-    with pytest.raises(FileNotFoundError, match="checkpoint-5"):
+    with pytest.raises(TrainingError, match="checkpoint-5"):
         ckpt.resolve_resume(out, "checkpoint-5")
 
 
@@ -106,6 +106,60 @@ def test_in_process_resume_is_bitwise_exact_and_validation_does_not_perturb(tmp_
     grids = sorted(p.name for p in (tmp_path / "cut" / "validation").iterdir())
     assert grids == ["step-000006.png", "step-000008.png", "step-000009.png"]
     assert list((tmp_path / "cut" / "logs").rglob("events.out.tfevents*"))
+
+
+def test_non_finite_weights_are_never_published(tmp_path):
+    """A weight turned NaN is caught before the checkpoint or the final save that would hold it; the error names
+    the last finite checkpoint (or says there is none), and a resume from it goes on."""
+    with pytest.raises(FloatingPointError, match="not finite after step 2.*no checkpoint of this run was written"):
+        run(cfg_for(tmp_path, name="final", max_train_steps=2, checkpointing_steps=0, poison_after=2))
+    assert not (tmp_path / "final" / "toy.safetensors").exists()
+    out = tmp_path / "ckpt"
+    with pytest.raises(FloatingPointError,
+                       match=f"not finite after step 3.*last finite checkpoint is {out}/checkpoint-2"):
+        run(cfg_for(tmp_path, name="ckpt", max_train_steps=5, checkpointing_steps=1, poison_after=3))
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+    model, result = run(cfg_for(tmp_path, name="ckpt", max_train_steps=5, checkpointing_steps=1,
+                                resume_from_checkpoint="latest"))
+    assert result.resumed_from.endswith("checkpoint-2") and result.global_step == 5
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_resume_mistakes_are_training_errors(tmp_path):
+    """Trained tensors that differ from the checkpoint's by name or shape (what another rank, target set or method
+    gives) are a TrainingError (a ValueError: one line from the recipes), not a KeyError or a RuntimeError; so is a
+    checkpoint holding non-finite values. Checked on a checkpoint without saved settings (an older version), where
+    the settings comparison cannot catch them first."""
+    from safetensors.torch import save_file
+
+    out = tmp_path / "run"
+    run(cfg_for(tmp_path, max_train_steps=2, checkpointing_steps=2))
+    state_file = out / "checkpoint-2" / ckpt.STATE_FILE
+    state = json.loads(state_file.read_text())
+    del state["settings"]
+    state_file.write_text(json.dumps(state))
+    resume = cfg_for(tmp_path, max_train_steps=3, resume_from_checkpoint="latest")
+
+    class FirstLayerOnly(ToyMethod):
+        def trainable_parameters(self, model, cfg):
+            model.requires_grad_(False)
+            return list(model.body[0].parameters())
+
+    with pytest.raises(TrainingError, match="holds 2 trained tensors this run does not train.*rank, lora_target"):
+        run(resume, FirstLayerOnly())
+    trainable = out / "checkpoint-2" / ckpt.TRAINABLE_FILE
+    tensors = load_file(str(trainable))
+    good = dict(tensors)
+    tensors["model.body.0.weight"] = torch.zeros(8, 4)
+    save_file(tensors, str(trainable))
+    with pytest.raises(TrainingError, match=r"model.body.0.weight is \(8, 4\) in the checkpoint and \(16, 4\)"):
+        run(resume)
+    tensors = dict(good)
+    tensors["model.body.0.weight"] = torch.full((16, 4), float("nan"))
+    save_file(tensors, str(trainable))
+    with pytest.raises(TrainingError, match="holds non-finite values"):
+        run(resume)
+    assert issubclass(TrainingError, ValueError)
 
 
 def test_lr_schedule_scale_lr_and_logged_extras(tmp_path):
@@ -181,7 +235,7 @@ def test_errors_say_what_to_do(tmp_path):
         ToyConfig(compile_mode="reduce_overhead")
     with pytest.raises(ValueError, match="float32 trained parameters"):
         train(ToyMethod(), ToyModel().half(), ToyData(4, True), cfg_for(tmp_path, mixed_precision="fp16"))
-    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+    with pytest.raises(TrainingError, match="no such checkpoint"):
         run(cfg_for(tmp_path, resume_from_checkpoint=str(tmp_path / "nope")))
     import importlib.util
 

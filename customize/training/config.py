@@ -17,7 +17,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
@@ -76,7 +76,12 @@ class TrainConfig:
     checkpointing_steps: int = field(default=500, metadata={"help": "Save a resumable checkpoint every N steps (0: never)."})
     checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep at most this many checkpoints."})
     resume_from_checkpoint: str | None = field(
-        default=None, metadata={"help": "A checkpoint folder, or 'latest' for the newest one in output_dir."}
+        default=None, metadata={"help": "A checkpoint folder, or 'latest' for the newest one in output_dir. The "
+                                        "run's settings must match the checkpoint's (those in RESUME_FREE may differ)."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start over in an output_dir that holds another run's checkpoints: they "
+                                         "are removed first (without it such a folder is refused)."}
     )
     validation_steps: int = field(default=0, metadata={"help": "Run the method's validation every N steps (0: off)."})
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, all or none."})
@@ -90,6 +95,19 @@ class TrainConfig:
         default=True, metadata={"help": "Let the method precompute per-example features (VAE latents, text states)."}
     )
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
+
+    # The fields that do not change what a run trains (where it writes, how often it logs, checkpoints or validates,
+    # speed switches, how long it runs): a resumed run may change them; every other field must equal the value
+    # saved in the checkpoint. The batch geometry may change too (the engine warns: the data order then differs).
+    # A method config adds its own: RESUME_FREE = TrainConfig.RESUME_FREE | {"my_field"}. Fields whose name holds
+    # "validation" count as resume-free as well.
+    RESUME_FREE: ClassVar[frozenset[str]] = frozenset({
+        "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "max_train_steps", "checkpointing_steps",
+        "checkpoints_total_limit", "validation_steps", "logging_steps", "report_to", "tracker_project_name",
+        "progress", "dataloader_num_workers", "cache_latents", "compile", "compile_mode", "gradient_checkpointing",
+        "enable_xformers_memory_efficient_attention", "allow_tf32", "train_batch_size", "gradient_accumulation_steps",
+        "sample_batch_size", "pipeline_dir", "vae_train_steps", "unet_train_steps",
+    })
 
     def __post_init__(self):
         if self.mixed_precision not in MIXED_PRECISION:
