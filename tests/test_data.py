@@ -73,7 +73,7 @@ def test_use_captions_on_a_folder_without_captions_warns_once(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="customize.data.datasets"):
         dreambooth_dataset(data, "a photo of sks dog", 16, use_captions=True)
     (record,) = caplog.records
-    assert f"no image in {data} has" in record.getMessage() and "'a photo of sks dog'" in record.getMessage()
+    assert f"no image in {data} has a caption" in record.getMessage() and "'a photo of sks dog'" in record.getMessage()
     (data / "a.txt").write_text("a dog on grass")
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="customize.data.datasets"):

@@ -55,8 +55,9 @@ class ImageCaptionDataset(Dataset):
         ds._check_prompts([str(p) for p in images])
         missing = sum(c is None for c in ds._captions)
         if use_captions and warn_uncaptioned and missing and prompt is not None:
-            instead = f"the prompt {prompt!r}" if prompt else "the prompt templates"
-            which = (f"no image in {folder} has" if missing == len(images)
+            shown = prompt if len(prompt) <= 80 else prompt[:77] + "..."
+            instead = f"the prompt {shown!r}" if prompt else "the prompt templates"
+            which = (f"no image in {folder} has a" if missing == len(images)
                      else f"{missing} of the {len(images)} images in {folder} have no")
             logger.warning("--use_captions: %s caption (metadata.jsonl, or a .txt / .caption file beside the "
                            "image); they are trained with %s", which, instead)
