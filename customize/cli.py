@@ -119,8 +119,15 @@ def _split_spec(spec: str, parse_value, what: str) -> tuple[str, object]:
         raise ValueError(f"{what} {spec!r}: {value!r} after ':' is not valid; write FILE or FILE:{what.split()[-1].upper()}") from None
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is not a finite number")
+    return value
+
+
 def parse_lora_spec(spec: str) -> tuple[str, float]:
-    path, weight = _split_spec(spec, float, "--lora weight")
+    path, weight = _split_spec(spec, _finite_float, "--lora weight")
     return path, 1.0 if weight is None else weight
 
 
@@ -147,7 +154,8 @@ def _image_size(pipe, width: int | None, height: int | None) -> tuple[int, int]:
 
     info = model_info(pipe)
     multiple = math.lcm(info.vae_scale_factor, DIFFUSERS_PIXEL_MULTIPLE)
-    width, height = width or info.resolution, height or info.resolution
+    width = info.resolution if width is None else width
+    height = info.resolution if height is None else height
     for name, value in (("--width", width), ("--height", height)):
         if value <= 0 or value % multiple:
             lower = max(multiple, value // multiple * multiple)
@@ -156,6 +164,36 @@ def _image_size(pipe, width: int | None, height: int | None) -> tuple[int, int]:
                 f"{info.vae_scale_factor}); try {lower} or {lower + multiple}"
             )
     return width, height
+
+
+def generate_device(spec: str):
+    """--device as a torch.device this machine has, or a ValueError that says which ones it has."""
+    import torch
+
+    from customize.utils import default_device
+
+    best = default_device().type
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {spec!r} is not a device name: use cuda, cuda:1, mps or cpu (this machine's best "
+                         f"is {best})") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"--device {spec}: {why}; use --device {best}, or leave --device out for the best "
+                             "available")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {spec}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(f"--device {spec}: MPS (Apple GPU) is not available here; use --device {best}, or "
+                             "leave --device out for the best available")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {spec}: generate runs on cuda, mps or cpu (this machine's best is {best})")
+    return device
 
 
 def _png_info(prompt: str, seed: int, args):
@@ -169,6 +207,8 @@ def _png_info(prompt: str, seed: int, args):
 
 
 def cmd_generate(args) -> int:
+    if args.device:
+        generate_device(args.device)  # before the seconds of importing diffusers and loading the model
     import torch
     from diffusers.utils import logging as diffusers_logging
     from tqdm.auto import tqdm
@@ -187,10 +227,16 @@ def cmd_generate(args) -> int:
             raise FileNotFoundError(f"{path}: no such file")
     if args.num_images < 1 or args.steps < 1:
         raise ValueError("--num-images and --steps must be at least 1")
+    for name, value in (("--width", args.width), ("--height", args.height)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{name} {value}: must be a positive multiple of {DIFFUSERS_PIXEL_MULTIPLE} pixels "
+                             "(leave it out for the model's native size)")
+    if not math.isfinite(args.guidance):
+        raise ValueError(f"--guidance {args.guidance}: must be a finite number (e.g. 7.5; 1 turns guidance off)")
 
     # diffusers warns, for instance, that a UNet-only LoRA has no text-encoder keys: true, and nothing to act on
     diffusers_logging.set_verbosity_error()
-    device = torch.device(args.device) if args.device else default_device()
+    device = generate_device(args.device) if args.device else default_device()
     pipe = load_pipeline(args.model, dtype=args.dtype, scheduler=args.scheduler)
     width, height = _image_size(pipe, args.width, args.height)
     for path, token in embeddings:
@@ -260,7 +306,7 @@ def _tensor_listing(path: Path) -> tuple[dict[str, tuple[list[int], str]], dict[
 
     if path.suffix == ".safetensors":
         return read_safetensors_header(path)
-    obj, _ = read_tensor_file(path)
+    obj, _ = read_tensor_file(path, finite=False)
     flat = {}
 
     def walk(prefix, value):
@@ -275,7 +321,31 @@ def _tensor_listing(path: Path) -> tuple[dict[str, tuple[list[int], str]], dict[
 
 
 def inspect_file(path: str | os.PathLike) -> dict:
-    """What `customize inspect` prints, as a dict: {"kind": "lora" | "embedding" | "tensors", ...}."""
+    """What `customize inspect` prints, as a dict: {"kind": "lora" | "embedding" | "tensors", ...}, with
+    "nonfinite": {tensor: {"nan": count, "inf": count}} for the tensors holding NaN or infinite values (such a
+    file is still described, and every reader that would use it refuses it)."""
+    from customize.formats.common import describe_nonfinite, nonfinite_counts
+    from customize.formats.embeddings import EMBEDDING_WEIGHT_NAME, EMBEDDING_WEIGHT_NAME_2, EMBEDDING_WEIGHT_NAME_BIN
+    from customize.formats.lora import LORA_WEIGHT_NAME
+
+    result = _describe_file(path)
+    path = Path(path)
+    files = [path / n for n in (EMBEDDING_WEIGHT_NAME, EMBEDDING_WEIGHT_NAME_BIN, EMBEDDING_WEIGHT_NAME_2,
+                                LORA_WEIGHT_NAME)] if path.is_dir() else [path]
+    from customize.formats import read_tensor_file
+
+    bad = {}
+    for file in files:
+        if file.is_file():
+            bad.update(nonfinite_counts(read_tensor_file(file, finite=False)[0]))
+    result["nonfinite"] = {name: {"nan": nan, "inf": inf} for name, (nan, inf) in bad.items()}
+    if bad:
+        result["summary"] += (f"\nnon-finite:  {len(bad)} tensor(s) hold NaN or infinite values, so the file cannot "
+                              f"be used: {describe_nonfinite(bad)}")
+    return result
+
+
+def _describe_file(path: str | os.PathLike) -> dict:
     from dataclasses import asdict
 
     from customize.formats import FormatError, inspect_lora, read_embedding
@@ -285,7 +355,7 @@ def inspect_file(path: str | os.PathLike) -> dict:
     path = Path(path)
     if path.is_dir():
         if (path / EMBEDDING_WEIGHT_NAME).is_file() or (path / EMBEDDING_WEIGHT_NAME_BIN).is_file():
-            emb = read_embedding(path)
+            emb = read_embedding(path, finite=False)
             return {"kind": "embedding", "path": str(path), "summary": emb.summary(str(path))}
         if not (path / LORA_WEIGHT_NAME).is_file():
             raise FileNotFoundError(f"{path}: no {LORA_WEIGHT_NAME} or {EMBEDDING_WEIGHT_NAME} in this folder")
@@ -304,7 +374,7 @@ def inspect_file(path: str | os.PathLike) -> dict:
     except FormatError as e:
         not_lora = str(e)
     try:
-        emb = read_embedding(path)
+        emb = read_embedding(path, finite=False)
         return {"kind": "embedding", "path": str(path), "token": emb.token, "format": emb.format,
                 "family": emb.family, "vectors": {k: list(v.shape) for k, v in emb.vectors.items()},
                 "summary": emb.summary(str(path))}
@@ -349,6 +419,16 @@ def cmd_convert(args) -> int:
     from customize.formats import check_lora_compatible, convert_lora, describe_family, inspect_lora
     from customize.formats.lora import UNetLayout
 
+    from customize.formats import FormatError
+    from customize.formats.lora import _weights_file
+
+    out = _convert_output(Path(args.input), Path(args.output), args.to)
+    src = _weights_file(args.input)
+    if out.resolve() == src.resolve() or (out.exists() and os.path.samefile(out, src)):
+        raise FormatError(f"{out} is the input file: a conversion never writes over what it reads; give another "
+                          "output path")
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already exists: pass --overwrite to replace it, or give another output path")
     family, layout = args.family, None
     if args.model:
         from customize.models import detect_family, load_pipeline
@@ -357,8 +437,7 @@ def cmd_convert(args) -> int:
         check_lora_compatible(pipe, args.input)
         layout = UNetLayout.from_config(pipe.unet.config)
         family = family or detect_family(pipe)
-    out = convert_lora(args.input, _convert_output(Path(args.input), Path(args.output), args.to),
-                       args.to, family=family, layout=layout)
+    out = convert_lora(args.input, out, args.to, family=family, layout=layout)
     info = inspect_lora(out, layout)
     print(f"wrote {out}: {args.to} format, {info.num_layers} layers, {describe_family(info.family or family)}")
     return 0
@@ -443,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--to", required=True, choices=["kohya", "diffusers", "peft"], help="the output format")
     c.add_argument("--family", choices=["sd1", "sd2", "sdxl"], help="base family when the shapes cannot tell (kohya names depend on it)")
     c.add_argument("--model", help="check the LoRA against this model and take its family and UNet layout")
+    c.add_argument("--overwrite", action="store_true", help="replace OUT when it exists (never the input itself)")
     c.set_defaults(func=cmd_convert)
 
     e = sub.add_parser("env", help="versions, GPU and known-bad combinations (for a bug report)", description=ENV_HELP, formatter_class=fmt)

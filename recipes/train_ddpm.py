@@ -15,11 +15,12 @@ import sys
 
 from customize.cli import run_recipe
 from customize.methods.ddpm import DDPM, DDPMConfig, build_dataset, build_model
-from customize.training import parse_config, train
+from customize.training import check_run_folder, parse_config, train
 
 
 def main(argv: list[str] | None = None):
     cfg = parse_config(DDPMConfig, argv)
+    check_run_folder(cfg)  # a bad output_dir or resume is refused before anything loads
     dataset = build_dataset(cfg)
     model = build_model(cfg, channels=dataset.channels, classes=dataset.classes)
     result = train(DDPM(), model, dataset, cfg)

@@ -19,11 +19,12 @@ import sys
 from customize.cli import run_recipe
 from customize.methods import dreambooth
 from customize.models import load_base_pipeline
-from customize.training import parse_config, train
+from customize.training import check_run_folder, parse_config, train
 
 
 def main(argv: list[str] | None = None):
     cfg = parse_config(dreambooth.DreamBoothConfig, argv)
+    check_run_folder(cfg)  # a bad output_dir or resume is refused before anything loads
     pipe = load_base_pipeline(cfg)
     dataset = dreambooth.build_dataset(pipe, cfg)
     return train(dreambooth, pipe, dataset, cfg)

@@ -19,11 +19,12 @@ from customize.cli import run_recipe
 from customize.methods import lora
 from customize.methods.pivotal import PivotalConfig, PivotalTuning
 from customize.models import load_base_pipeline
-from customize.training import parse_config, train
+from customize.training import check_run_folder, parse_config, train
 
 
 def main(argv: list[str] | None = None):
     cfg = parse_config(PivotalConfig, argv)
+    check_run_folder(cfg)  # a bad output_dir or resume is refused before anything loads
     pipe = load_base_pipeline(cfg)
     dataset = lora.build_dataset(pipe, cfg)
     result = train(PivotalTuning(), pipe, dataset, cfg)

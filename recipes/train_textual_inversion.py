@@ -16,11 +16,12 @@ import sys
 from customize.cli import run_recipe
 from customize.methods.textual_inversion import TextualInversion, TextualInversionConfig, build_dataset
 from customize.models import load_base_pipeline
-from customize.training import parse_config, train
+from customize.training import check_run_folder, parse_config, train
 
 
 def main(argv: list[str] | None = None):
     cfg = parse_config(TextualInversionConfig, argv)
+    check_run_folder(cfg)  # a bad output_dir or resume is refused before anything loads
     pipe = load_base_pipeline(cfg)
     dataset = build_dataset(pipe, cfg)
     result = train(TextualInversion(), pipe, dataset, cfg)

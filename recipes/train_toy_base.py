@@ -15,10 +15,12 @@ import sys
 from customize.cli import run_recipe
 from customize.toy.base import ToyBaseConfig, train_toy_base
 from customize.training import parse_config
+from customize.training.checkpoint import check_writable
 
 
 def main(argv: list[str] | None = None):
     cfg = parse_config(ToyBaseConfig, argv)
+    check_writable(cfg.output_dir)  # before hours of training, not at the first save
     result = train_toy_base(cfg)
     times = ", ".join(f"{k} {v / 60:.1f} min" for k, v in result.seconds.items())
     print(f"toy base model saved to {result.pipeline_dir} ({times})")

@@ -5,7 +5,8 @@ random stream the engine must reproduce on resume is in play: the data order, a 
 (python `random` sign flip + torch noise), noise drawn inside the loss and dropout.
 
     python tests/engine_toy.py --output_dir OUT [TrainConfig / ToyConfig flags]
-writes OUT/toy.safetensors and OUT/hash-<rank>.txt (sha256 of the final trained weights).
+writes OUT/toy.safetensors and OUT/hash-<rank>.txt (sha256 of the final trained weights); a user error exits 1
+with one `engine_toy.py: error: ...` line, as the recipes do.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from PIL import Image
@@ -31,8 +33,11 @@ class ToyConfig(TrainConfig):
     n_examples: int = 8
     deterministic: bool = False
     slow: float = 0.0  # seconds slept after each optimizer step, so a test can kill the run midway
+    poison_after: int = 0  # make a trained weight NaN after this process's N-th optimizer step (0: never)
     report_to: str = "none"
     progress: bool = False
+
+    RESUME_FREE: ClassVar[frozenset[str]] = TrainConfig.RESUME_FREE | {"slow", "poison_after"}
 
 
 class ToyData(torch.utils.data.Dataset):
@@ -86,6 +91,9 @@ class ToyMethod:
         self.calls.append("after_step")
         if getattr(cfg, "slow", 0):
             time.sleep(cfg.slow)
+        if getattr(cfg, "poison_after", 0) and self.calls.count("after_step") == cfg.poison_after:
+            with torch.no_grad():
+                model.body[0].weight[0, 0] = float("nan")
 
     def validate(self, model, cfg, step):
         self.calls.append(f"validate:{step}")
@@ -129,4 +137,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from customize.cli import run_recipe
+
+    sys.exit(run_recipe(main, sys.argv[1:]))

@@ -86,7 +86,8 @@ def test_generate_tiny_sdxl_prompts_file_and_scheduler(tmp_path):
     assert not np.array_equal(_png(out / "000-00-seed0.png"), _png(out / "001-00-seed0.png"))
 
 
-@pytest.mark.parametrize("case", ["corrupt", "wrong-family", "bad-size", "no-prompt", "missing-file"])
+@pytest.mark.parametrize("case", ["corrupt", "wrong-family", "bad-size", "no-prompt", "missing-file", "width-0",
+                                  "guidance-nan", "lora-weight-inf", "inf-embedding"])
 def test_generate_refuses_bad_input_and_writes_nothing(case, files, tmp_path, capsys):
     corrupt = tmp_path / "broken.safetensors"
     corrupt.write_bytes(b"\x20\x00\x00\x00\x00\x00\x00\x00" + b"\x00" * 40)
@@ -97,12 +98,18 @@ def test_generate_refuses_bad_input_and_writes_nothing(case, files, tmp_path, ca
         "bad-size": ["-p", "x", "--width", "36"],
         "no-prompt": [],
         "missing-file": ["-p", "x", "--embedding", str(tmp_path / "nope.pt:<t>")],
+        "width-0": ["-p", "x", "--height", "0"],
+        "guidance-nan": ["-p", "x", "--guidance", "nan"],
+        "lora-weight-inf": ["-p", "x", "--lora", f"{files['kohya']}:inf"],
+        "inf-embedding": ["-p", "x", "--embedding", str(save_embedding(tmp_path / "e", "<i>", torch.full((1, 32), float("inf")))[0])],
     }[case]
     assert main(["generate", "-m", "tiny-sd", "--steps", "1", "--out", str(out), "--no-progress", *args]) == 1
     err = capsys.readouterr().err
     expected = {"corrupt": r"broken\.safetensors.*corrupt", "wrong-family": r"SDXL.*but the model is SD 1\.x",
                 "bad-size": r"--width 36: must be a positive multiple of 8.*try 32 or 40", "no-prompt": "no prompt",
-                "missing-file": r"nope\.pt: no such file"}[case]
+                "missing-file": r"nope\.pt: no such file", "width-0": r"--height 0: must be a positive multiple of 8",
+                "guidance-nan": r"--guidance nan: must be a finite number", "lora-weight-inf": r"--lora weight .*'inf'",
+                "inf-embedding": r"tensor <i> \(32 infinite\)"}[case]
     assert re.search(expected, err, flags=re.S), err
     assert not out.exists()
 
@@ -149,6 +156,28 @@ def test_demo_and_bench_are_passed_through_or_explained(monkeypatch, capsys):
     assert main(["demo", "--steps", "3", "--help"]) == 0 and seen == [["--steps", "3", "--help"]]
     monkeypatch.setitem(sys.modules, "customize.bench", None)  # as if not installed
     assert main(["bench"]) == 1 and "not available" in capsys.readouterr().err
+
+
+def test_generate_device_is_checked_before_anything_loads(monkeypatch):
+    from customize.cli import generate_device
+
+    assert generate_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="'gpu' is not a device name: use cuda, cuda:1, mps or cpu"):
+        generate_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device cuda:1: .*; use --device (cpu|mps), or leave --device out"):
+        generate_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="has 1 CUDA GPU"):
+        generate_device("cuda:1")
+    loaded = []
+    monkeypatch.setattr("customize.models.load_pipeline", lambda *a, **k: loaded.append(a))
+    with pytest.raises(ValueError, match="has 1 CUDA GPU"):
+        from customize.cli import cmd_generate, build_parser
+
+        cmd_generate(build_parser().parse_args(["generate", "-m", "tiny-sd", "-p", "x", "--device", "cuda:3"]))
+    assert not loaded
 
 
 def test_specs_and_help():

@@ -65,6 +65,34 @@ def test_captions_from_metadata_jsonl_and_sidecars(tmp_path, caplog):
     assert [ds[i]["prompt"] for i in range(2)] == ["sks dog", "sks dog"]
 
 
+def test_use_captions_on_a_folder_without_captions_warns_once(tmp_path, caplog):
+    data = tmp_path / "dogs"
+    data.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        _img(data / name)
+    with caplog.at_level(logging.WARNING, logger="customize.data.datasets"):
+        dreambooth_dataset(data, "a photo of sks dog", 16, use_captions=True)
+    (record,) = caplog.records
+    assert f"no image in {data} has a caption" in record.getMessage() and "'a photo of sks dog'" in record.getMessage()
+    (data / "a.txt").write_text("a dog on grass")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="customize.data.datasets"):
+        dreambooth_dataset(data, "a photo of sks dog", 16, use_captions=True)
+        dreambooth_dataset(data, "a photo of sks dog", 16, use_captions=False)  # the prompt was asked for: silent
+    (record,) = caplog.records
+    assert f"2 of the 3 images in {data} have no caption" in record.getMessage()
+
+
+def test_decompression_bomb_is_an_image_error_naming_the_file(tmp_path):
+    from test_bad_input_options import _png_declaring
+
+    from customize.data import load_image
+
+    _png_declaring(tmp_path / "huge.png", 30000, 30000)
+    with pytest.raises(ImageError, match="huge.png: too large to open safely.*downscale it"):
+        load_image(tmp_path / "huge.png")
+
+
 def test_data_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         ImageCaptionDataset.from_folder(tmp_path / "nope", 16, prompt="p")
@@ -96,6 +124,32 @@ def test_data_errors_name_the_file(tmp_path):
     with pytest.raises(ImageError, match=r"broken\.jpg"):
         ds[0]
     assert ds[1]["pixel_values"].shape == (3, 16, 16)
+
+
+def test_metadata_image_columns_stay_inside_the_folder(tmp_path):
+    from customize.data.captions import metadata_rows, read_metadata
+
+    data, other = tmp_path / "data", tmp_path / "other"
+    for d in (data, data / "sub", other):
+        d.mkdir()
+    for path in (data / "a.png", data / "sub" / "b.png", other / "c.png"):
+        _img(path)
+    meta = data / "metadata.jsonl"
+    meta.write_text(json.dumps({"file_name": "sub/../a.png", "conditioning_image_file_name": "./sub/b.png"}) + "\n")
+    (_, row), = metadata_rows(data)
+    assert row == {"file_name": data / "a.png", "conditioning_image_file_name": data / "sub" / "b.png"}
+    for column, name in [("file_name", "../other/c.png"), ("file_name", str(other / "c.png")),
+                         ("edited_image_file_name", "sub/../../other/c.png"), ("file_name", 5), ("file_name", None)]:
+        row = {"file_name": "a.png", column: name}
+        meta.write_text(json.dumps({"file_name": "a.png"}) + "\n" + json.dumps(row) + "\n")
+        with pytest.raises(CaptionError, match=rf'line 2: "{column}" '):
+            metadata_rows(data)
+    meta.write_text("".join(json.dumps({"file_name": n, "text": t}) + "\n" for n, t in [("a.png", "x"), ("./a.png", "y")]))
+    with pytest.raises(CaptionError, match=r"line 2: names 'a\.png' again \(line 1"):
+        read_metadata(data)
+    meta.write_text(json.dumps({"file_name": "../other/c.png", "text": "x"}) + "\n")
+    with pytest.raises(CaptionError, match="is outside"):  # a datasets-library imagefolder gets the same rule
+        ImageCaptionDataset.from_hf(str(data), 16)
 
 
 def test_any_image_mode_becomes_rgb_in_range(tmp_path):

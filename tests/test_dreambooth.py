@@ -2,6 +2,9 @@
 image generation (count, determinism, resume), full fine-tune output that from_pretrained loads to the same
 image, frozen modules untouched, atomic output."""
 
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -186,11 +189,36 @@ def test_interrupted_pipeline_save_leaves_no_partial_model(tmp_path, tiny_sd, mo
     def broken(self, *args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(type(tiny_sd.vae), "save_pretrained", broken)
     cfg = dreambooth.DreamBoothConfig(pretrained_model_name_or_path="tiny-sd")
-    with pytest.raises(OSError, match="disk full"):
-        dreambooth.save(tiny_sd, cfg, tmp_path / "out")
-    assert list((tmp_path / "out").iterdir()) == []
+    with monkeypatch.context() as m:
+        m.setattr(type(tiny_sd.vae), "save_pretrained", broken)
+        with pytest.raises(OSError, match="disk full"):
+            dreambooth.save(tiny_sd, cfg, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+    out = tmp_path / "out"
+    dreambooth.save(tiny_sd, cfg, out)
+    (out / "checkpoint-3").mkdir()
+    (out / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    (out / "old_part").mkdir()  # a component the old model_index.json names and the new pipeline lacks
+    index = json.loads((out / "model_index.json").read_text())
+    (out / "model_index.json").write_text(json.dumps({**index, "old_part": ["x", "Y"]}))
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with monkeypatch.context() as m:
+        m.setattr(type(tiny_sd.vae), "save_pretrained", broken)
+        with pytest.raises(OSError, match="disk full"):
+            dreambooth.save(tiny_sd, cfg, out)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # the old pipeline, untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # nothing left beside it
+
+    dreambooth.save(tiny_sd, cfg, out)  # over the old one: swapped in whole, checkpoints carried over
+    assert (out / "checkpoint-3" / "trainer_state.json").read_text() == "{}"
+    assert not (out / "old_part").exists() and "old_part" not in (out / "model_index.json").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not list(out.glob(".*"))
+    modes = {oct(p.stat().st_mode & 0o777) for p in out.rglob("*") if p.is_file()}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert modes == {oct(0o666 & ~umask)}  # safetensors' save_file alone makes 0600 files
 
 
 def test_configuration_errors_say_what_to_do(tmp_path, tiny_sd):

@@ -8,7 +8,7 @@ import torch
 from engine_toy import ToyConfig, ToyData, ToyMethod, ToyModel, run
 from safetensors.torch import load_file
 
-from customize.training import TrainConfig, parse_config, train
+from customize.training import TrainConfig, TrainingError, parse_config, train
 from customize.training import checkpoint as ckpt
 from customize.training.ema import EMA
 
@@ -67,7 +67,7 @@ def test_checkpoint_limit_and_partial_checkpoints(tmp_path):
     assert state["global_step"] == 6 and state["losses"] == result.losses[:6]
     assert ckpt.resolve_resume(out, "latest") == out / "checkpoint-6"
     assert ckpt.resolve_resume(out, "checkpoint-4") == out / "checkpoint-4"
-    with pytest.raises(FileNotFoundError, match="checkpoint-5"):
+    with pytest.raises(TrainingError, match="checkpoint-5"):
         ckpt.resolve_resume(out, "checkpoint-5")
 
 
@@ -106,6 +106,60 @@ def test_in_process_resume_is_bitwise_exact_and_validation_does_not_perturb(tmp_
     grids = sorted(p.name for p in (tmp_path / "cut" / "validation").iterdir())
     assert grids == ["step-000006.png", "step-000008.png", "step-000009.png"]
     assert list((tmp_path / "cut" / "logs").rglob("events.out.tfevents*"))
+
+
+def test_non_finite_weights_are_never_published(tmp_path):
+    """A weight turned NaN is caught before the checkpoint or the final save that would hold it; the error names
+    the last finite checkpoint (or says there is none), and a resume from it goes on."""
+    with pytest.raises(FloatingPointError, match="not finite after step 2.*no checkpoint of this run was written"):
+        run(cfg_for(tmp_path, name="final", max_train_steps=2, checkpointing_steps=0, poison_after=2))
+    assert not (tmp_path / "final" / "toy.safetensors").exists()
+    out = tmp_path / "ckpt"
+    with pytest.raises(FloatingPointError,
+                       match=f"not finite after step 3.*last finite checkpoint is {out}/checkpoint-2"):
+        run(cfg_for(tmp_path, name="ckpt", max_train_steps=5, checkpointing_steps=1, poison_after=3))
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+    model, result = run(cfg_for(tmp_path, name="ckpt", max_train_steps=5, checkpointing_steps=1,
+                                resume_from_checkpoint="latest"))
+    assert result.resumed_from.endswith("checkpoint-2") and result.global_step == 5
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_resume_mistakes_are_training_errors(tmp_path):
+    """Trained tensors that differ from the checkpoint's by name or shape (what another rank, target set or method
+    gives) are a TrainingError (a ValueError: one line from the recipes), not a KeyError or a RuntimeError; so is a
+    checkpoint holding non-finite values. Checked on a checkpoint without saved settings (an older version), where
+    the settings comparison cannot catch them first."""
+    from safetensors.torch import save_file
+
+    out = tmp_path / "run"
+    run(cfg_for(tmp_path, max_train_steps=2, checkpointing_steps=2))
+    state_file = out / "checkpoint-2" / ckpt.STATE_FILE
+    state = json.loads(state_file.read_text())
+    del state["settings"]
+    state_file.write_text(json.dumps(state))
+    resume = cfg_for(tmp_path, max_train_steps=3, resume_from_checkpoint="latest")
+
+    class FirstLayerOnly(ToyMethod):
+        def trainable_parameters(self, model, cfg):
+            model.requires_grad_(False)
+            return list(model.body[0].parameters())
+
+    with pytest.raises(TrainingError, match="holds 2 trained tensors this run does not train.*rank, lora_target"):
+        run(resume, FirstLayerOnly())
+    trainable = out / "checkpoint-2" / ckpt.TRAINABLE_FILE
+    tensors = load_file(str(trainable))
+    good = dict(tensors)
+    tensors["model.body.0.weight"] = torch.zeros(8, 4)
+    save_file(tensors, str(trainable))
+    with pytest.raises(TrainingError, match=r"model.body.0.weight is \(8, 4\) in the checkpoint and \(16, 4\)"):
+        run(resume)
+    tensors = dict(good)
+    tensors["model.body.0.weight"] = torch.full((16, 4), float("nan"))
+    save_file(tensors, str(trainable))
+    with pytest.raises(TrainingError, match="holds non-finite values"):
+        run(resume)
+    assert issubclass(TrainingError, ValueError)
 
 
 def test_lr_schedule_scale_lr_and_logged_extras(tmp_path):
@@ -187,7 +241,7 @@ def test_errors_say_what_to_do(tmp_path):
         ToyConfig(compile_mode="reduce_overhead")
     with pytest.raises(ValueError, match="float32 trained parameters"):
         train(ToyMethod(), ToyModel().half(), ToyData(4, True), cfg_for(tmp_path, mixed_precision="fp16"))
-    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+    with pytest.raises(TrainingError, match="no such checkpoint"):
         run(cfg_for(tmp_path, resume_from_checkpoint=str(tmp_path / "nope")))
     import importlib.util
 
@@ -244,6 +298,81 @@ def test_parse_config_cli_yaml_json(tmp_path):
         parse_config(ToyConfig, ["--config", str(yaml_file)])
     with pytest.raises(ValueError, match="--max_train_step"):  # no silent prefix match of --max_train_steps
         parse_config(ToyConfig, ["--max_train_step", "3"])
+
+
+@pytest.mark.parametrize("text, error", [
+    ("max_train_steps: 2.9\n", r"max_train_steps: 2\.9 \(float\) is not an integer; write a whole number, e\.g\. 3"),
+    ("max_train_steps: ten\n", r"max_train_steps: 'ten' \(str\) is not an integer"),
+    ("learning_rate: fast\n", r"learning_rate: 'fast' \(str\) is not a number"),
+    ("learning_rate: [0.1]\n", r"learning_rate: \[0\.1\] \(a list\) is not a number"),
+    ("use_ema: maybe\n", r"use_ema: 'maybe' \(str\) is not true or false"),
+    ("seed: null\n", r"seed: null is not an integer; give a value or leave the key out"),
+    ("mixed_precision: no\n", r"mixed_precision: False \(bool\) is not a string; put the word in quotes, e\.g\. "
+                              r"mixed_precision: 'no'"),
+    ("checkpoints_total_limit: 1.5\n", r"checkpoints_total_limit: 1\.5 \(float\) is not an integer or null"),
+    ("max_train_steps: [\n", r"not valid YAML: .* at line 2, column 1"),
+])
+def test_config_file_values_are_type_checked(tmp_path, text, error):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ValueError, match=rf"config file .*c\.yaml: {error}"):
+        parse_config(ToyConfig, ["--config", str(tmp_path / "c.yaml")])
+
+
+def test_config_file_values_read_as_the_flags_read_them(tmp_path):
+    from customize.methods.ddpm import DDPMConfig
+
+    # PyYAML reads 1e-4 (no dot) as a string; quoted numbers and yes / no are what the flags would accept too
+    (tmp_path / "c.yaml").write_text("learning_rate: 1e-4\nmax_train_steps: '7'\nuse_ema: yes\nema_decay: 0\n"
+                                     "checkpoints_total_limit: null\n")
+    cfg = parse_config(ToyConfig, ["--config", str(tmp_path / "c.yaml")])
+    assert (cfg.learning_rate, cfg.max_train_steps, cfg.use_ema, cfg.ema_decay) == (1e-4, 7, True, 0.0)
+    assert isinstance(cfg.ema_decay, float) and cfg.checkpoints_total_limit is None
+    (tmp_path / "d.yaml").write_text("block_out_channels: 32\n")
+    with pytest.raises(ValueError, match=r"block_out_channels: 32 \(int\) is not a list of integers; .*\[32\]"):
+        parse_config(DDPMConfig, ["--config", str(tmp_path / "d.yaml"), "--dataset_name", "digits"])
+    (tmp_path / "d.yaml").write_text("block_out_channels: [16, 32.5]\n")
+    with pytest.raises(ValueError, match=r"block_out_channels\[1\]: 32\.5"):
+        parse_config(DDPMConfig, ["--config", str(tmp_path / "d.yaml"), "--dataset_name", "digits"])
+    (tmp_path / "e.json").write_text('{"seed": 1,}')
+    with pytest.raises(ValueError, match=r"e\.json: not valid JSON: .* line 1, column 12"):
+        parse_config(ToyConfig, ["--config", str(tmp_path / "e.json")])
+
+
+def test_options_the_machine_cannot_run_are_refused_while_parsing(monkeypatch):
+    import importlib.util
+
+    from customize.training import config
+
+    monkeypatch.setattr(config, "_fp16_device_available", lambda: False)
+    with pytest.raises(ValueError, match="mixed_precision fp16 needs a GPU .* use --mixed_precision bf16"):
+        parse_config(ToyConfig, ["--mixed_precision", "fp16"])
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("bitsandbytes", "xformers") else real_find_spec(name, *a))
+    for flag, package in (("--use_8bit_adam", "bitsandbytes"),
+                          ("--enable_xformers_memory_efficient_attention", "xformers")):
+        with pytest.raises(config.MissingDependencyError, match=f"needs {package}, which is not installed: pip install"):
+            parse_config(ToyConfig, [flag])
+    assert issubclass(config.MissingDependencyError, ValueError)  # customize.cli.USER_ERRORS: one line
+    with pytest.raises(ValueError, match="learning_rate must be > 0, got -0.1"):
+        ToyConfig(learning_rate=-0.1)
+
+
+def test_every_option_has_a_help_text_and_shows_its_default():
+    from customize.methods import ddpm, dreambooth, lora, pivotal, textual_inversion
+    from customize.toy.base import ToyBaseConfig
+    from customize.training.config import build_config_parser
+
+    for cls in (TrainConfig, dreambooth.DreamBoothConfig, lora.LoRAConfig, pivotal.PivotalConfig,
+                textual_inversion.TextualInversionConfig, ddpm.DDPMConfig, ToyBaseConfig):
+        parser = build_config_parser(cls)
+        for action in parser._actions:
+            assert action.help and action.help.strip(), f"{cls.__name__}: --{action.dest} has no help text"
+        text = " ".join(parser.format_help().split())
+        # a subclass that only changes a default keeps the base field's help, with its own default
+        assert "--max_train_steps MAX_TRAIN_STEPS, --max-train-steps MAX_TRAIN_STEPS Number of optimizer steps. " \
+               f"(default: {cls.max_train_steps})" in text, cls
+        assert f"(default: {cls.learning_rate})" in text and "--no_progress, --no-progress Turn progress off" in text
 
 
 def test_lora_unet_with_gradient_checkpointing_and_compile(tmp_path):

@@ -336,6 +336,32 @@ def test_unusable_lora_files_are_refused(tmp_path):
         read_lora(corrupt)
 
 
+def test_non_finite_weights_are_refused_naming_the_tensor_and_still_inspected(tmp_path):
+    import os
+
+    key = "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k"
+    up = torch.ones(8, 2)
+    up[0, 0], up[1, 1] = float("nan"), float("inf")
+    lora = save_lora(LoraState({key: LoraLayer(torch.ones(2, 4), up, 2.0)}), tmp_path / "nan.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert lora.stat().st_mode & 0o777 == 0o666 & ~umask  # not safetensors' 0600
+    with pytest.raises(FormatError, match=rf"{key}\.lora\.up\.weight \(1 NaN, 1 infinite\)"):
+        read_lora(lora)
+    with pytest.raises(FormatError, match="not finite"):
+        convert_lora(lora, tmp_path / "k.safetensors", "kohya", family="sd1")
+    assert not (tmp_path / "k.safetensors").exists()
+    assert inspect_lora(lora).num_layers == 1  # inspection still describes it
+    emb = save_embedding(tmp_path / "emb", "<t>", torch.full((1, 32), float("nan")))[0]
+    with pytest.raises(FormatError, match=r"<t> \(32 NaN\)"):
+        read_embedding(emb)
+    assert read_embedding(emb, finite=False).token == "<t>"
+    with pytest.raises(FormatError, match="weight nan is not a finite number"):
+        load_lora_files(_pipe("sd"), [(lora, float("nan"))])
+    with pytest.raises(FormatError, match="is the input file"):
+        convert_lora(lora, lora, "peft")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Embeddings
 # ---------------------------------------------------------------------------------------------------------------
@@ -411,8 +437,9 @@ def test_a1111_pt_read_and_pickled_objects_refused(tmp_path):
 
     evil = tmp_path / "evil.pt"
     torch.save({"string_to_param": {"*": vec}, "name": "x", "payload": _Payload()}, evil)
-    with pytest.raises(FormatError, match="refusing to load"):
+    with pytest.raises(FormatError, match="cannot be read safely.*_Payload.*to .safetensors on a machine you trust") as e:
         read_embedding(evil)
+    assert "weights_only" not in str(e.value)  # torch's advice to load it anyway is not repeated
 
 
 class _Payload:

@@ -188,10 +188,39 @@ def test_bad_resolution_is_refused_before_any_output(tmp_path):
         sys.path.remove(str(ROOT / "recipes"))
     args = _args(tmp_path, "sd")
     args[args.index("--resolution") + 1] = "33"
-    with pytest.raises(ValueError, match="not a multiple of the VAE downsampling factor 2; use 32 or 34"):
+    with pytest.raises(ValueError, match=r"33 is not a positive multiple of the VAE downsampling factor 2; use 32 or 34 "
+                                         r"\(this model's native size is 32\)"):
         train_dreambooth_lora.main(args)
     assert not (tmp_path / "out").exists()
     assert parse_config(lora.LoRAConfig, args).resolution == 33  # the refusal comes from the model, not the parser
+    pipe = tiny_pipeline("sd")
+    with pytest.raises(ValueError, match=r"resolution 1 is not a positive multiple of .* 2; use 2 \(this model's "
+                                         r"native size is 32\)$"):
+        sd.check_resolution(pipe, 1)
+    with pytest.raises(ValueError, match="resolution must be a positive number of pixels.*got 0.*native size"):
+        parse_config(lora.LoRAConfig, [*args, "--resolution", "0"])  # before the model loads
+
+
+def test_lora_alpha_zero_is_refused_not_read_as_unset():
+    assert lora.alpha(lora.LoRAConfig(rank=8)) == 8 and lora.alpha(lora.LoRAConfig(rank=8, lora_alpha=2)) == 2
+    for bad in (0.0, -4.0):
+        with pytest.raises(ValueError, match="lora_alpha must be > 0.*leave it out for alpha = rank"):
+            lora.LoRAConfig(lora_alpha=bad)
+
+
+def test_captions_past_the_tokenizer_length_warn_once(monkeypatch, caplog):
+    monkeypatch.setattr(sd, "_TRUNCATION", {"checked": set(), "warned": False})
+    pipe = tiny_pipeline("sd")
+    long = "a photo of sks dog " + "on a red table " * 40
+    with caplog.at_level("WARNING", logger="customize.training.sd"):
+        sd.tokenize(pipe, ["a photo of sks dog"])
+        assert not caplog.records
+        ids = sd.tokenize(pipe, [long, "a dog", long + "again"])
+        sd.tokenize(pipe, [long + "and more"])
+    assert ids[0].shape == (3, pipe.tokenizer.model_max_length)  # still cut, as the pipeline does
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert "2 of 3 caption(s)" in message and "77 tokens" in message and "'a photo of sks dog on a red" in message
 
 
 def test_recipe_runs_as_a_plain_script_and_writes_the_in_process_result(tmp_path):

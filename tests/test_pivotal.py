@@ -141,6 +141,17 @@ def test_param_groups_use_text_encoder_lr(tmp_path):
     assert any(id(p) not in embeddings for p in text_group["params"]), "the text-encoder LoRA is missing"
 
 
+def test_text_encoder_lr_unset_is_learning_rate_and_zero_or_negative_is_refused(tmp_path):
+    cfg = config(tmp_path, learning_rate=2e-4)
+    assert cfg.text_encoder_lr is None
+    assert [g["lr"] for g in PivotalTuning().trainable_parameters(tiny_pipeline("sd"), cfg)] == [2e-4, 2e-4]
+    for bad in (0.0, -1e-4, float("nan")):
+        with pytest.raises(ValueError, match=r"text_encoder_lr must be > 0.*leave it out for the same as learning_rate"):
+            config(tmp_path, text_encoder_lr=bad)
+    with pytest.raises(ValueError, match="learning_rate must be > 0, got 0"):
+        config(tmp_path, learning_rate=0.0)
+
+
 def test_abstraction_prompts_rewrite_instance_and_class_parts(tmp_path):
     data = make_images(tmp_path / "data", n=2)
     instance = ImageCaptionDataset.from_folder(data, RESOLUTION, prompt="a photo of TOK dog, TOKEN TOK.")

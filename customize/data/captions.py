@@ -2,6 +2,7 @@
 
 - `metadata.jsonl` in the image folder (the datasets library's `imagefolder` convention): one JSON object per
   line with `file_name` (relative to the folder) and a caption column (`text` by default, else `caption`).
+  Every image column (`file_name`, `<column>_file_name`) must name a file inside the folder (`metadata_rows`).
 - A sidecar text file beside each image (kohya's convention): `dog1.png` -> `dog1.txt` (or `dog1.caption`).
 A metadata line wins over a sidecar file.
 """
@@ -26,11 +27,32 @@ class CaptionError(ValueError):
     """A caption source that cannot be used; the message names the file (and line) and what to do."""
 
 
-def read_metadata(folder: str | os.PathLike, caption_column: str | None = None) -> dict[Path, str | None]:
-    """`folder/metadata.jsonl` -> {image path: caption}, in file order. Every line must name an existing image."""
+def image_columns(row: dict) -> list[str]:
+    """The columns of a metadata line that name image files: `file_name` and `<column>_file_name` (the datasets
+    library's imagefolder convention, e.g. conditioning_image_file_name, edited_image_file_name)."""
+    return [k for k in row if k == "file_name" or (isinstance(k, str) and k.endswith("_file_name"))]
+
+
+def resolve_image_name(folder: Path, name, where: str, column: str = "file_name") -> Path:
+    """`folder / name` for an image a metadata line names, refusing what is not a path inside the folder: a
+    non-string, an absolute path, or one whose `..` parts leave it (symbolic links inside are followed)."""
+    if not isinstance(name, str) or not name.strip():
+        got = "null" if name is None else f"{type(name).__name__} {name!r}"
+        raise CaptionError(f'{where}: "{column}" must be the name of an image file in {folder}, got {got}')
+    inside = os.path.normpath(name)
+    if os.path.isabs(name) or Path(name).drive or inside == ".." or inside.startswith(".." + os.sep):
+        raise CaptionError(f'{where}: "{column}" {name!r} is outside {folder}; metadata.jsonl may only name images '
+                           "inside its folder (e.g. 'dog1.png' or 'sub/dog1.png'): copy the image in")
+    return folder / inside
+
+
+def metadata_rows(folder: str | os.PathLike) -> list[tuple[int, dict]]:
+    """(line number, row) of every line of `folder/metadata.jsonl`, with each image column checked by
+    `resolve_image_name` (every reader of the file goes through here, so every image column gets the same rule)
+    and the resolved paths under the same keys."""
     folder = Path(folder)
     meta = folder / METADATA_FILE
-    out: dict[Path, str | None] = {}
+    rows = []
     for lineno, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -41,10 +63,29 @@ def read_metadata(folder: str | os.PathLike, caption_column: str | None = None) 
             raise CaptionError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
         if not isinstance(row, dict) or "file_name" not in row:
             raise CaptionError(f'{where}: needs a "file_name" entry naming an image in {folder}')
-        path = folder / row["file_name"]
+        for column in image_columns(row):
+            row[column] = resolve_image_name(folder, row[column], where, column)
+        rows.append((lineno, row))
+    return rows
+
+
+def read_metadata(folder: str | os.PathLike, caption_column: str | None = None) -> dict[Path, str | None]:
+    """`folder/metadata.jsonl` -> {image path: caption}, in file order. Every line must name an existing image
+    inside the folder, and no image twice."""
+    folder = Path(folder)
+    meta = folder / METADATA_FILE
+    out: dict[Path, str | None] = {}
+    lines: dict[Path, int] = {}
+    for lineno, row in metadata_rows(folder):
+        where = f"{meta}, line {lineno}"
+        path = row["file_name"]
         if not path.is_file():
-            raise ImageError(f"{where}: names {row['file_name']!r}, but {path} does not exist; "
+            raise ImageError(f"{where}: names {str(path.relative_to(folder))!r}, but {path} does not exist; "
                              "fix the file name or remove the line")
+        if path in lines:
+            raise CaptionError(f"{where}: names {str(path.relative_to(folder))!r} again (line {lines[path]} names "
+                               "it too), so one of the two captions would be dropped: keep one line per image")
+        lines[path] = lineno
         if caption_column is not None:
             if caption_column not in row:
                 raise CaptionError(f"{where}: no {caption_column!r} column (it has {sorted(row)}); "

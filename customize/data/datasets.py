@@ -11,6 +11,7 @@ many there are in `num_prior` (DreamBooth eq. 2 splits the loss there).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,9 +20,11 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from customize.data.captions import images_and_captions
+from customize.data.captions import METADATA_FILE, images_and_captions, metadata_rows
 from customize.data.images import ImageError, load_image, to_rgb
 from customize.data.transforms import ImageTransform
+
+logger = logging.getLogger(__name__)
 
 
 class ImageCaptionDataset(Dataset):
@@ -40,14 +43,24 @@ class ImageCaptionDataset(Dataset):
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, resolution, *, center_crop: bool = False,
                     random_flip: bool = False, prompt: str | None = None, caption_column: str | None = None,
-                    use_captions: bool = True, interpolation: str = "bilinear") -> ImageCaptionDataset:
+                    use_captions: bool = True, interpolation: str = "bilinear",
+                    warn_uncaptioned: bool = False) -> ImageCaptionDataset:
         """Every image of `folder` (or those its metadata.jsonl lists). Captions come from metadata.jsonl or .txt
-        sidecars when `use_captions`; an image without one gets `prompt` (and is an error if there is none)."""
+        sidecars when `use_captions`; an image without one gets `prompt` (and is an error if there is none).
+        `warn_uncaptioned` (the user asked for captions): one warning, naming the folder, when images have none."""
         ds = cls(ImageTransform(resolution, center_crop, random_flip, interpolation), prompt)
         images, captions = images_and_captions(folder, caption_column)
         ds._paths = images
         ds._captions = captions if use_captions else [None] * len(images)
         ds._check_prompts([str(p) for p in images])
+        missing = sum(c is None for c in ds._captions)
+        if use_captions and warn_uncaptioned and missing and prompt is not None:
+            shown = prompt if len(prompt) <= 80 else prompt[:77] + "..."
+            instead = f"the prompt {shown!r}" if prompt else "the prompt templates"
+            which = (f"no image in {folder} has a" if missing == len(images)
+                     else f"{missing} of the {len(images)} images in {folder} have no")
+            logger.warning("--use_captions: %s caption (metadata.jsonl, or a .txt / .caption file beside the "
+                           "image); they are trained with %s", which, instead)
         return ds
 
     @classmethod
@@ -127,6 +140,8 @@ def load_hf_dataset(name_or_path: str, split: str = "train", cache_dir: str | No
                 raise KeyError(f"{name_or_path} has splits {list(loaded)}, not {split!r}; pass --dataset_split")
             loaded = loaded[split]
         return loaded
+    if path.is_dir() and (path / METADATA_FILE).is_file():
+        metadata_rows(path)  # datasets' imagefolder opens what it names: the same rule as our own folders
     return datasets.load_dataset(name_or_path, split=split, cache_dir=cache_dir)
 
 
@@ -161,7 +176,7 @@ def dreambooth_dataset(instance_data_dir, instance_prompt: str, resolution, *, c
     has in the folder's metadata.jsonl or .txt sidecar: kohya's captioned regularization images)."""
     instance = ImageCaptionDataset.from_folder(
         instance_data_dir, resolution, center_crop=center_crop, random_flip=random_flip, prompt=instance_prompt,
-        caption_column=caption_column, use_captions=use_captions,
+        caption_column=caption_column, use_captions=use_captions, warn_uncaptioned=True,
     )
     class_data = None
     if class_data_dir is not None:

@@ -68,6 +68,10 @@ def load_image(path: str | os.PathLike, mode: str = "RGB", min_size: int = 1) ->
         with Image.open(path) as im:
             im.load()
             im = ImageOps.exif_transpose(im)
+    except Image.DecompressionBombError as e:
+        # PIL's guard against a file that declares far more pixels than it holds (its header is read first)
+        raise ImageError(f"{path}: too large to open safely ({e}); downscale it (training uses a few hundred "
+                         "pixels a side) or remove it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{path}: cannot be read as an image ({e}); remove or replace the file") from None
     img = to_rgb(im)

@@ -9,6 +9,7 @@ OpenCLIP ViT-bigG concatenated (768 + 1280 = 2048).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -56,14 +57,56 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, tuple[li
         raise _safetensors_error(path, e) from e
 
 
-def read_tensor_file(path: str | os.PathLike) -> tuple[object, dict[str, str]]:
+def flat_tensors(obj, prefix: str = "") -> dict[str, torch.Tensor]:
+    """{dotted name: tensor} of every tensor in a file's contents (nested dicts and lists walked)."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix or "(tensor)": obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    out = {}
+    for k, v in items:
+        out.update(flat_tensors(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def nonfinite_counts(obj) -> dict[str, tuple[int, int]]:
+    """{tensor name: (NaN values, infinite values)} of the tensors holding any."""
+    out = {}
+    for name, t in flat_tensors(obj).items():
+        if t.is_floating_point() or t.is_complex():
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            if nan or inf:
+                out[name] = (nan, inf)
+    return out
+
+
+def describe_nonfinite(counts: dict[str, tuple[int, int]]) -> str:
+    """'unet.x.lora.up.weight (3 NaN, 1 infinite), ...' (the first three names, then how many more)."""
+    parts = [f"{name} ({', '.join(f'{n} {what}' for n, what in ((nan, 'NaN'), (inf, 'infinite')) if n)})"
+             for name, (nan, inf) in list(counts.items())[:3]]
+    more = f" and {len(counts) - 3} more tensors" if len(counts) > 3 else ""
+    return ", ".join(parts) + more
+
+
+def read_tensor_file(path: str | os.PathLike, finite: bool = True) -> tuple[object, dict[str, str]]:
     """(contents, metadata) of a .safetensors file (a dict of tensors) or a pickled torch file (usually a dict).
 
     Pickles are read with `torch.load(weights_only=True)` only: tensors, dicts, lists, strings and numbers
-    load, anything else (a file that would run code while loading) is refused."""
+    load, anything else (a file that would run code while loading) is refused. A tensor holding NaN or infinite
+    values is refused, naming it (it would turn every image black), unless `finite=False` (inspection)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
+    obj, metadata = _read_tensor_file(path)
+    if finite and (bad := nonfinite_counts(obj)):
+        raise FormatError(
+            f"{path}: tensor {describe_nonfinite(bad)} holds values that are not finite numbers; weights like "
+            "these give black or noise images (the training run that wrote them diverged?): use another file, "
+            "or train again with a lower learning rate"
+        )
+    return obj, metadata
+
+
+def _read_tensor_file(path: Path) -> tuple[object, dict[str, str]]:
     if path.suffix.lower() == ".safetensors":
         from safetensors import safe_open
 
@@ -79,11 +122,15 @@ def read_tensor_file(path: str | os.PathLike) -> tuple[object, dict[str, str]]:
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
+            # torch's message ends by suggesting weights_only=False: the one thing not to do with a file from
+            # someone else, so only the name of what it refused is kept
+            refused = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", str(e), flags=re.IGNORECASE)
             raise FormatError(
-                f"{path}: refusing to load: the file holds pickled Python objects beyond tensors and plain "
-                f"containers ({e}). Loading it would run code from the file. Convert it to .safetensors with "
-                "the tool that made it, or ask its author for a safetensors version."
-            ) from e
+                f"{path}: cannot be read safely: besides tensors it holds pickled Python objects"
+                f"{f' ({refused.group(1)})' if refused else ''}, and loading it would run code from the file. "
+                "Convert it to .safetensors on a machine you trust with the tool that made it, or ask its author "
+                "for a .safetensors version"
+            ) from None
         except Exception as e:
             raise FormatError(f"{path}: not a readable torch file ({type(e).__name__}: {e}); export it again") from e
         return obj, {}

@@ -103,21 +103,22 @@ def _from_contents(obj, stem: str, metadata: dict, where: str) -> Embedding:
     )
 
 
-def read_embedding(path: str | os.PathLike) -> Embedding:
-    """Read a textual-inversion file, or a diffusers output folder (learned_embeds[_2].safetensors)."""
+def read_embedding(path: str | os.PathLike, finite: bool = True) -> Embedding:
+    """Read a textual-inversion file, or a diffusers output folder (learned_embeds[_2].safetensors). A file with
+    NaN or infinite values is refused, naming the tensor, unless `finite=False` (inspection)."""
     path = Path(path)
     if path.is_dir():
         for name in (EMBEDDING_WEIGHT_NAME, EMBEDDING_WEIGHT_NAME_BIN):
             if (path / name).is_file():
-                return read_embedding(path / name)
+                return read_embedding(path / name, finite)
         raise FormatError(f"{path}: no {EMBEDDING_WEIGHT_NAME} or {EMBEDDING_WEIGHT_NAME_BIN} in this folder")
-    obj, metadata = read_tensor_file(path)
+    obj, metadata = read_tensor_file(path, finite=finite)
     emb = _from_contents(obj, path.stem, metadata, str(path))
     if path.name == EMBEDDING_WEIGHT_NAME_2:
         raise FormatError(f"{path}: this is the second-encoder half of an SDXL embedding; read {EMBEDDING_WEIGHT_NAME} beside it")
     second = path.with_name(EMBEDDING_WEIGHT_NAME_2)
     if path.name == EMBEDDING_WEIGHT_NAME and second.is_file():
-        obj2, meta2 = read_tensor_file(second)
+        obj2, meta2 = read_tensor_file(second, finite=finite)
         other = _from_contents(obj2, second.stem, meta2, str(second))
         if other.token != emb.token:
             raise FormatError(f"{path} names token {emb.token!r} but {second.name} names {other.token!r}")

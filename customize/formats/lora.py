@@ -434,13 +434,14 @@ def _weights_file(path: str | os.PathLike) -> Path:
     return path
 
 
-def read_lora(path: str | os.PathLike, layout: UNetLayout | None = None) -> LoraState:
+def read_lora(path: str | os.PathLike, layout: UNetLayout | None = None, finite: bool = True) -> LoraState:
     """Read a diffusers, PEFT or kohya LoRA file (or a folder holding one).
 
     `layout` (from the target UNet's config) is needed only for kohya files that name UNet modules by the
-    original sgm paths (SDXL) on a UNet whose layers_per_block is not the standard 2."""
+    original sgm paths (SDXL) on a UNet whose layers_per_block is not the standard 2. A file with NaN or
+    infinite values is refused, naming the tensor, unless `finite=False` (inspection)."""
     path = _weights_file(path)
-    tensors, metadata = read_tensor_file(path)
+    tensors, metadata = read_tensor_file(path, finite=finite)
     if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         raise FormatError(f"{path}: not a LoRA file (expected a flat dict of tensors)")
     fmt = _detect(tensors, path)
@@ -546,7 +547,8 @@ class LoraInfo:
 
 
 def inspect_lora(path: str | os.PathLike, layout: UNetLayout | None = None) -> LoraInfo:
-    state = read_lora(path, layout)
+    """What the file holds; a file with NaN or infinite values is described too (`customize inspect` counts them)."""
+    state = read_lora(path, layout, finite=False)
     targets = sorted({_LEAF.sub("", split_key(k)[1]) for k in state.layers})
     shown = {k: v for k, v in state.metadata.items() if k.startswith(_CARRIED_METADATA) or k == ADAPTER_METADATA_KEY}
     return LoraInfo(
@@ -652,6 +654,12 @@ def load_lora_files(pipe, specs: list[tuple[str | os.PathLike, float]], prefix: 
     """Load LoRA files as adapters `<prefix>_<i>` (the first free names) with their weights, through diffusers'
     `load_lora_weights` + `set_adapters`; returns the adapter names. Every file is checked first, so a bad one
     loads nothing. Adapters loaded before stay loaded but inactive (set_adapters activates only these)."""
+    import math
+
+    for path, weight in specs:
+        if not math.isfinite(float(weight)):
+            raise FormatError(f"{path}: LoRA weight {weight} is not a finite number (it would make every image "
+                              "black); give a weight such as 0.8 or 1.0")
     states = [check_lora_compatible(pipe, path) for path, _ in specs]
     if any(split_key(key)[0] != "unet" for state in states for key in state.layers):
         # diffusers loads text-encoder layers through transformers' adapter hooks, which some transformers
@@ -843,7 +851,11 @@ def convert_lora(
     family: str | None = None,
     layout: UNetLayout | None = None,
 ) -> Path:
-    """Read any supported LoRA file and write it in format `to`; every layer's dW is unchanged."""
+    """Read any supported LoRA file and write it in format `to`; every layer's dW is unchanged. Writing over
+    the input itself is refused (a conversion never replaces the only copy of what it reads)."""
+    src_file, out = _weights_file(src), _output_file(dst, LORA_WEIGHT_NAME)
+    if out.resolve() == src_file.resolve() or (out.exists() and os.path.samefile(out, src_file)):
+        raise FormatError(f"{out} is the input file: write the converted LoRA to another path")
     state = read_lora(src, layout)
     family = family or detect_lora_family(state)
     if to == "kohya" and family is None and "unet" in state.components():

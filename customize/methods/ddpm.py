@@ -23,7 +23,7 @@ from customize.core import DDIMScheduler, DDPMScheduler
 from customize.core.train import ddpm_loss, sample
 from customize.core.unet import UNet, UNetConfig, from_diffusers_config
 from customize.training import TrainConfig
-from customize.utils import atomic_dir, atomic_path
+from customize.utils import atomic_pipeline_dir
 
 # Beta schedules diffusers' DDPMScheduler knows by name; others are exported as trained_betas.
 DIFFUSERS_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
@@ -41,19 +41,20 @@ class DDPMConfig(TrainConfig):
     class_conditional: bool = field(default=False, metadata={"help": "Condition the UNet on the class label."})
     resolution: int = field(default=8, metadata={"help": "Training image size (square)."})
     grayscale: bool = field(default=False, metadata={"help": "Train on 1-channel images (digits always are)."})
-    center_crop: bool = True
-    random_flip: bool = False
+    center_crop: bool = field(default=True, metadata={"help": "Crop the centre of each image (else a random crop)."})
+    random_flip: bool = field(default=False, metadata={"help": "Flip images horizontally at random."})
     pretrained_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Start from a saved DDPM folder (this recipe's output or a diffusers "
                                         "DDPMPipeline/UNet2DModel folder) instead of a fresh UNet."})
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64],
                                           metadata={"help": "Channels of each resolution level."})
-    layers_per_block: int = 2
+    layers_per_block: int = field(default=2, metadata={"help": "ResNet blocks per resolution level."})
     attention_levels: str = field(default="1", metadata={"help": "Comma-separated levels (0 = full resolution) "
                                                                   "with self-attention; '' for none."})
-    attention_head_dim: int = 32
-    norm_num_groups: int = 8
-    dropout: float = 0.0
+    attention_head_dim: int = field(default=32, metadata={"help": "Channels per self-attention head."})
+    norm_num_groups: int = field(default=8, metadata={"help": "Groups of the GroupNorm layers (must divide every "
+                                                              "level's channels)."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout inside the ResNet blocks, in [0, 1)."})
     ddpm_num_steps: int = field(default=1000, metadata={"help": "Diffusion steps T."})
     ddpm_beta_schedule: str = field(default="squaredcos_cap_v2", metadata={
         "help": "linear, scaled_linear, squaredcos_cap_v2 (cosine), sigmoid or quadratic. Cosine is the default: the "
@@ -62,7 +63,7 @@ class DDPMConfig(TrainConfig):
     snr_gamma: float | None = field(default=5.0, metadata={"help": "min-SNR-gamma loss weighting (Hang et al. 2023); "
                                                                     "0 or None for plain L_simple."})
     ddpm_num_inference_steps: int = field(default=25, metadata={"help": "DDIM steps of the validation samples."})
-    num_validation_images: int = 16
+    num_validation_images: int = field(default=16, metadata={"help": "Samples per validation (a grid)."})
     # Defaults tuned on the digits (bench/ddpm_digits.py): a 1 M-parameter UNet reaches real-digit quality in
     # ~1,000 steps of 64 on one CPU thread.
     learning_rate: float = 2e-3
@@ -81,6 +82,11 @@ class DDPMConfig(TrainConfig):
             raise ValueError(f"dataset_name must be 'digits' (or unset with --train_data_dir), got {self.dataset_name!r}")
         if (self.dataset_name is None) == (self.train_data_dir is None):
             raise ValueError("give exactly one of --dataset_name digits or --train_data_dir FOLDER")
+        if self.snr_gamma is not None and self.snr_gamma < 0:
+            raise ValueError(f"snr_gamma must be >= 0 (0 or unset: plain L_simple), got {self.snr_gamma}")
+        if self.resolution < 1:
+            raise ValueError(f"resolution must be a positive number of pixels, got {self.resolution}: e.g. 8 for the "
+                             "digits, 32 or 64 for an image folder")
 
     def attention_flags(self) -> tuple[bool, ...]:
         levels = {int(s) for s in self.attention_levels.split(",") if s.strip()}
@@ -205,8 +211,8 @@ def _diffusers_scheduler_config(scheduler) -> dict:
 
 
 def save_ddpm(model: DDPMModel, out_dir) -> Path:
-    """Write model_index.json, unet/ (UNet2DModel config + safetensors) and scheduler/ into `out_dir`; each part
-    is replaced atomically. Returns `out_dir`."""
+    """Write model_index.json, unet/ (UNet2DModel config + safetensors) and scheduler/ into `out_dir`, swapped in
+    whole by the shared pipeline writer (`customize.utils.atomic_pipeline_dir`). Returns `out_dir`."""
     import diffusers
 
     out_dir = Path(out_dir)
@@ -215,18 +221,15 @@ def save_ddpm(model: DDPMModel, out_dir) -> Path:
         reference = diffusers.UNet2DModel(**unet.diffusers_config())
         reference.load_state_dict(unet.diffusers_state_dict())
         unet = reference
-    with atomic_dir(out_dir / "unet") as tmp:
-        unet.save_pretrained(tmp, safe_serialization=True)
     scheduler = diffusers.DDPMScheduler.from_config(_diffusers_scheduler_config(model.noise_scheduler))
-    with atomic_dir(out_dir / "scheduler") as tmp:
-        scheduler.save_pretrained(tmp)
     index = {"_class_name": "DDPMPipeline", "_diffusers_version": diffusers.__version__,
              "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
-    with atomic_path(out_dir / "model_index.json") as tmp:
-        tmp.write_text(json.dumps(index, indent=2) + "\n")
-    if model.classes:
-        with atomic_path(out_dir / "classes.json") as tmp:
-            tmp.write_text(json.dumps(model.classes) + "\n")
+    with atomic_pipeline_dir(out_dir, parts=("classes.json",)) as tmp:
+        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        scheduler.save_pretrained(tmp / "scheduler")
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if model.classes:
+            (tmp / "classes.json").write_text(json.dumps(model.classes) + "\n")
     return out_dir
 
 

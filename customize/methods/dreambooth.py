@@ -12,11 +12,7 @@ The output is a diffusers folder that `DiffusionPipeline.from_pretrained` loads.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -32,7 +28,7 @@ class DreamBoothConfig(TrainConfig):
     pretrained_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Base model: hub id, diffusers folder, single file, or tiny-sd / tiny-sdxl."}
     )
-    revision: str | None = None
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) of the base model."})
     variant: str | None = field(default=None, metadata={"help": "Weight variant to load, e.g. fp16."})
     instance_data_dir: str | None = field(default=None, metadata={"help": "Folder of the subject's images."})
     instance_prompt: str = field(default="a photo of sks dog", metadata={"help": "Prompt with the identifier."})
@@ -40,14 +36,20 @@ class DreamBoothConfig(TrainConfig):
         default=None, metadata={"help": "Folder of class images; missing ones are generated there."}
     )
     class_prompt: str | None = field(default=None, metadata={"help": "Prompt of the class, e.g. 'a photo of dog'."})
-    with_prior_preservation: bool = False
+    with_prior_preservation: bool = field(
+        default=False, metadata={"help": "Add the prior-preservation loss on class images (needs class_data_dir, "
+                                         "class_prompt)."}
+    )
     prior_loss_weight: float = field(default=1.0, metadata={"help": "w in L = L_instance + w * L_prior."})
     num_class_images: int = field(default=100, metadata={"help": "Class images wanted in class_data_dir."})
     sample_batch_size: int = field(default=4, metadata={"help": "Batch size when generating class images."})
     class_inference_steps: int = field(default=50, metadata={"help": "Sampling steps per generated class image."})
-    resolution: int | None = field(default=None, metadata={"help": "Training image size; default: the model's native size."})
-    center_crop: bool = False
-    random_flip: bool = False
+    resolution: int | None = field(
+        default=None, metadata={"help": "Training image size in pixels, a multiple of the VAE's factor (8 for SD); "
+                                        "unset: the model's native size."}
+    )
+    center_crop: bool = field(default=False, metadata={"help": "Crop the centre of each image (else a random crop)."})
+    random_flip: bool = field(default=False, metadata={"help": "Flip images horizontally at random."})
     use_captions: bool = field(
         default=False, metadata={"help": "Use per-image captions (metadata.jsonl or .txt sidecars) instead of "
                                          "instance_prompt; class images with a caption use it instead of class_prompt."}
@@ -56,9 +58,11 @@ class DreamBoothConfig(TrainConfig):
     train_text_encoder: bool = field(default=False, metadata={"help": "Also train the text encoder(s)."})
     snr_gamma: float | None = field(default=None, metadata={"help": "min-SNR-gamma loss weighting; 5.0 is recommended."})
     noise_offset: float = field(default=0.0, metadata={"help": "Noise offset scale (e.g. 0.05)."})
-    validation_prompt: str | None = None
-    num_validation_images: int = 4
-    validation_inference_steps: int = 25
+    validation_prompt: str | None = field(
+        default=None, metadata={"help": "Prompt of the validation images (every validation_steps); unset: none."}
+    )
+    num_validation_images: int = field(default=4, metadata={"help": "Images per validation."})
+    validation_inference_steps: int = field(default=25, metadata={"help": "Denoising steps of each validation image."})
     learning_rate: float = 5e-6
     max_train_steps: int = 800
 
@@ -70,6 +74,10 @@ class DreamBoothConfig(TrainConfig):
             raise ValueError(f"prior_loss_weight must be >= 0, got {self.prior_loss_weight}")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ValueError(f"snr_gamma must be > 0 (or unset), got {self.snr_gamma}")
+        if self.resolution is not None and self.resolution < 1:
+            raise ValueError(f"resolution must be a positive number of pixels, a multiple of the VAE's downsampling "
+                             f"factor (8 for Stable Diffusion), got {self.resolution}: e.g. 512 (SD 1.x), 1024 "
+                             "(SDXL), or leave it out for the model's native size")
 
 
 def trainable_parameters(pipe, cfg: DreamBoothConfig):
@@ -87,7 +95,10 @@ def build_dataset(pipe, cfg: DreamBoothConfig):
     """Check the resolution, generate the missing class images, and pair instance with class examples."""
     from customize.methods.class_images import generate_class_images
     from customize.models import model_info
+    from customize.utils import recover_dir
 
+    if cfg.output_dir:  # a previous run killed while saving its pipeline: its checkpoints back where resume looks
+        recover_dir(cfg.output_dir)
     if cfg.resolution is None:
         cfg.resolution = model_info(pipe).resolution
     sd.check_resolution(pipe, cfg.resolution)
@@ -153,21 +164,13 @@ def validate(pipe, cfg: DreamBoothConfig, step: int):
 
 
 def save(pipe, cfg: DreamBoothConfig, out_dir):
-    """`save_pretrained` of the whole pipeline into `out_dir`, via a temporary folder: each component folder is
-    moved in complete, and model_index.json (what from_pretrained opens first) comes last."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".pipeline.", suffix=".tmp", dir=out_dir))
-    try:
+    """`save_pretrained` of the whole pipeline into `out_dir` through `atomic_pipeline_dir`: the new pipeline is
+    written beside the folder and swapped in whole (the run's checkpoints and logs carried over), so a save
+    killed at any point leaves the old model or the new one, never a mix."""
+    from customize.utils import atomic_pipeline_dir
+
+    with atomic_pipeline_dir(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        entries = sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json")
-        for entry in entries:
-            dest = out_dir / entry.name
-            if dest.is_dir():
-                shutil.rmtree(dest)
-            os.replace(entry, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def model_card(cfg: DreamBoothConfig, kind: str = "DreamBooth (full fine-tune)", extra: dict | None = None) -> str:

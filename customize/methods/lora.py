@@ -42,8 +42,8 @@ ADAPTER = "default"
 @dataclass
 class LoRAConfig(DreamBoothConfig):
     rank: int = field(default=4, metadata={"help": "LoRA rank r."})
-    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha; the update is scaled by alpha / r. Default: r."})
-    lora_dropout: float = 0.0
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (> 0); the update is scaled by alpha / r. Unset: r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch's input, in [0, 1)."})
     lora_target: str = field(
         default="attention",
         metadata={"help": "UNet layers to adapt: 'attention' (to_q/k/v/out), 'all-linear' (+ feed-forward), "
@@ -57,15 +57,25 @@ class LoRAConfig(DreamBoothConfig):
         super().__post_init__()
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0 (the update is scaled by alpha / rank), got {self.lora_alpha}; "
+                             "leave it out for alpha = rank")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.lora_target not in UNET_TARGETS:
             raise ValueError(f"lora_target must be one of {sorted(UNET_TARGETS)}, got {self.lora_target!r}")
+
+
+def alpha(cfg: LoRAConfig) -> float:
+    """lora_alpha, or the rank when it is unset (None; 0 is refused by the config, never read as unset)."""
+    return cfg.rank if cfg.lora_alpha is None else cfg.lora_alpha
 
 
 def lora_config(cfg: LoRAConfig, targets):
     from peft import LoraConfig
 
     return LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.lora_alpha or cfg.rank, lora_dropout=cfg.lora_dropout,
+        r=cfg.rank, lora_alpha=alpha(cfg), lora_dropout=cfg.lora_dropout,
         init_lora_weights=True,  # A ~ Kaiming-uniform, B = 0: the update is exactly zero at init
         target_modules=list(targets),
     )
@@ -153,6 +163,6 @@ def model_card(cfg: LoRAConfig) -> str:
     targets = UNET_TARGETS[cfg.lora_target] + (TEXT_ENCODER_TARGETS if cfg.train_text_encoder else ())
     return dreambooth.model_card(
         cfg, kind="LoRA",
-        extra={"rank / alpha": f"{cfg.rank} / {cfg.lora_alpha or cfg.rank}", "adapted layers": ", ".join(targets),
+        extra={"rank / alpha": f"{cfg.rank} / {alpha(cfg):g}", "adapted layers": ", ".join(targets),
                "load with": "`pipe.load_lora_weights(<this folder>)`"},
     )

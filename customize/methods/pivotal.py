@@ -26,6 +26,7 @@ from customize.data import PairedDataset
 from customize.methods import lora
 from customize.methods import textual_inversion as ti
 from customize.training import checkpoint as ckpt
+from customize.training.config import check_learning_rate
 
 
 @dataclass
@@ -49,11 +50,15 @@ class PivotalConfig(lora.LoRAConfig):
         default=0.5, metadata={"help": "Fraction of the steps during which the embeddings train (then only the LoRA)."}
     )
     text_encoder_lr: float | None = field(
-        default=None, metadata={"help": "Learning rate of the embeddings and text-encoder LoRA; default: learning_rate."}
+        default=None, metadata={"help": "Learning rate (> 0) of the embeddings and text-encoder LoRA; unset: "
+                                        "learning_rate. (Not training them is --train_text_encoder_ti false and "
+                                        "no --train_text_encoder, not a rate of 0.)"}
     )
 
     def __post_init__(self):
         super().__post_init__()
+        check_learning_rate("text_encoder_lr", self.text_encoder_lr, unset="the same as learning_rate "
+                            "(to freeze the new tokens: --train_text_encoder_ti false)")
         if not self.train_text_encoder_ti:
             return
         ti.check_placeholder(self.placeholder_token)
@@ -112,7 +117,7 @@ class PivotalTuning:
         adapters = lora.trainable_parameters(pipe, cfg)
         unet_ids = {id(p) for p in pipe.unet.parameters()}
         groups = [{"params": [p for p in adapters if id(p) in unet_ids], "lr": cfg.learning_rate},
-                  {"params": [p for p in adapters if id(p) not in unet_ids], "lr": cfg.text_encoder_lr or cfg.learning_rate}]
+                  {"params": [p for p in adapters if id(p) not in unet_ids], "lr": cfg.learning_rate if cfg.text_encoder_lr is None else cfg.text_encoder_lr}]
         if cfg.train_text_encoder_ti:
             if self.tokens is None:
                 self.tokens = ti.PlaceholderTokens(

@@ -94,7 +94,7 @@ class TextualInversionConfig(TrainConfig):
     pretrained_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Base model: hub id, diffusers folder or single file (SD 1.x/2.x, SDXL)."}
     )
-    revision: str | None = None
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) of the base model."})
     variant: str | None = field(default=None, metadata={"help": "Weight variant to load, e.g. fp16."})
     train_data_dir: str | None = field(default=None, metadata={"help": "Folder of the concept's images."})
     placeholder_token: str = field(default="<concept>", metadata={"help": "The new word S*, e.g. '<cat-toy>'."})
@@ -109,16 +109,19 @@ class TextualInversionConfig(TrainConfig):
     caption_token: str | None = field(
         default=None, metadata={"help": "With captions: the word S* replaces; captions without it get S* appended."}
     )
-    resolution: int | None = field(default=None, metadata={"help": "Training image size; default: the model's native size."})
-    center_crop: bool = False
-    random_flip: bool = False
+    resolution: int | None = field(
+        default=None, metadata={"help": "Training image size in pixels, a multiple of the VAE's factor (8 for SD); "
+                                        "unset: the model's native size."}
+    )
+    center_crop: bool = field(default=False, metadata={"help": "Crop the centre of each image (else a random crop)."})
+    random_flip: bool = field(default=False, metadata={"help": "Flip images horizontally at random."})
     snr_gamma: float | None = field(default=None, metadata={"help": "min-SNR-gamma loss weighting; 5.0 is recommended."})
     noise_offset: float = field(default=0.0, metadata={"help": "Noise offset scale (e.g. 0.05)."})
     validation_prompt: str | None = field(
         default=None, metadata={"help": "Prompt for validation images; '{}' marks S* (e.g. 'a {} on the beach')."}
     )
-    num_validation_images: int = 4
-    validation_inference_steps: int = 25
+    num_validation_images: int = field(default=4, metadata={"help": "Images per validation."})
+    validation_inference_steps: int = field(default=25, metadata={"help": "Denoising steps of each validation image."})
     # diffusers' textual-inversion README: lr 5e-4 scaled by batch x accumulation x processes, 3000 steps.
     learning_rate: float = 5e-4
     scale_lr: bool = True
@@ -134,6 +137,10 @@ class TextualInversionConfig(TrainConfig):
             raise ValueError(f"snr_gamma must be > 0 (or unset), got {self.snr_gamma}")
         if self.learnable_property not in TEMPLATES:
             raise ValueError(f"learnable_property must be one of {sorted(TEMPLATES)}, got {self.learnable_property!r}")
+        if self.resolution is not None and self.resolution < 1:
+            raise ValueError(f"resolution must be a positive number of pixels, a multiple of the VAE's downsampling "
+                             f"factor (8 for Stable Diffusion), got {self.resolution}: e.g. 512 (SD 1.x), 1024 "
+                             "(SDXL), or leave it out for the model's native size")
 
 
 def check_placeholder(placeholder: str) -> None:
@@ -349,7 +356,7 @@ def build_dataset(pipe, cfg: TextualInversionConfig) -> ImageCaptionDataset:
     sd.check_resolution(pipe, cfg.resolution)
     return ImageCaptionDataset.from_folder(
         cfg.train_data_dir, cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip, prompt="",
-        use_captions=cfg.use_captions,
+        use_captions=cfg.use_captions, warn_uncaptioned=True,
     )
 
 

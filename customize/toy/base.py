@@ -10,7 +10,7 @@ Two methods for the shared engine (`customize.training.train`), run one after th
 2. `TextUNetStage` trains the CLIP text encoder and the UNet2DConditionModel jointly on cached latents with the
    shared denoising loss (`customize.training.sd.batch_loss`: Ho et al.'s L_simple, optional min-SNR weighting),
    dropping captions at `caption_dropout` so classifier-free guidance works, and saves the whole pipeline with
-   the shared pipeline writer (`customize.methods.dreambooth.save`). A token-grounding loss on the cross-attention
+   the shared pipeline writer (`customize.utils.atomic_pipeline_dir`). A token-grounding loss on the cross-attention
    maps (`customize.toy.grounding`, `grounding_loss_weight` 0.1) teaches it to look for each word where it is
    drawn, as Stable Diffusion's own maps do; without it a DreamBooth subject cannot be moved to new backgrounds.
 
@@ -35,6 +35,7 @@ from customize.data.transforms import pil_to_tensor
 from customize.toy import world
 from customize.toy.tokenizer import toy_tokenizer
 from customize.training import TrainConfig, sd
+from customize.training.config import check_learning_rate
 from customize.utils import atomic_path
 
 # Architectures (diffusers / transformers constructor arguments).
@@ -82,14 +83,15 @@ class ToyBaseConfig(TrainConfig):
     data_seed: int = field(default=0, metadata={"help": "Seed of the world examples (scenes, captions, clutter)."})
     num_train_images: int = field(default=20000, metadata={"help": "World examples per stage (clutter included for the VAE)."})
     clutter_fraction: float = field(default=0.5, metadata={"help": "Share of generic clutter images in the VAE data."})
-    vae_train_steps: int = 1500
-    vae_learning_rate: float = 2e-3
-    vae_batch_size: int = 32
+    vae_train_steps: int = field(default=1500, metadata={"help": "Optimizer steps of stage 1 (the VAE)."})
+    vae_learning_rate: float = field(default=2e-3, metadata={"help": "Learning rate of the VAE (> 0)."})
+    vae_batch_size: int = field(default=32, metadata={"help": "Examples per VAE micro-batch."})
     vae_crop_size: int | None = field(default=16, metadata={"help": "Train the VAE on random crops of this size (None: whole images)."})
     kl_weight: float = field(default=1e-4, metadata={"help": "Weight of the per-element KL term of the VAE loss."})
-    unet_train_steps: int = 5500
-    unet_learning_rate: float = 1e-3
-    text_encoder_learning_rate: float | None = field(default=None, metadata={"help": "Default: unet_learning_rate."})
+    unet_train_steps: int = field(default=5500, metadata={"help": "Optimizer steps of stage 2 (text encoder + UNet)."})
+    unet_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the UNet (> 0)."})
+    text_encoder_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate (> 0) of the text encoder; unset: unet_learning_rate."})
     caption_dropout: float = field(default=0.1, metadata={"help": "Share of empty captions (for classifier-free guidance)."})
     grounding_loss_weight: float = field(default=0.1, metadata={
         "help": "Weight of the token-grounding loss (customize.toy.grounding): each caption word's cross-attention "
@@ -101,8 +103,8 @@ class ToyBaseConfig(TrainConfig):
     zero_terminal_snr: bool = field(default=True, metadata={
         "help": "SD's betas rescaled to zero terminal SNR, v-prediction, trailing timesteps (Lin et al. 2024); "
                 "false: SD 1.x's epsilon schedule as is (the background colour then follows the noise, not the prompt)."})
-    validation_guidance: float = 4.0
-    validation_inference_steps: int = 25
+    validation_guidance: float = field(default=4.0, metadata={"help": "Classifier-free guidance of the validation images."})
+    validation_inference_steps: int = field(default=25, metadata={"help": "DDIM steps of each validation image."})
     train_batch_size: int = 64
     lr_scheduler: str = "cosine"
     lr_warmup_steps: int = 100
@@ -119,6 +121,12 @@ class ToyBaseConfig(TrainConfig):
             raise ValueError(f"grounding_loss_weight must be >= 0, got {self.grounding_loss_weight}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        check_learning_rate("vae_learning_rate", self.vae_learning_rate)
+        check_learning_rate("unet_learning_rate", self.unet_learning_rate)
+        check_learning_rate("text_encoder_learning_rate", self.text_encoder_learning_rate,
+                            unset="the same as unet_learning_rate")
+        if self.snr_gamma is not None and self.snr_gamma < 0:
+            raise ValueError(f"snr_gamma must be >= 0 (0 or unset: no weighting), got {self.snr_gamma}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -301,7 +309,8 @@ class TextUNetStage:
         pipe.text_encoder.requires_grad_(True)
         return [
             {"params": list(pipe.unet.parameters()), "lr": cfg.learning_rate},
-            {"params": list(pipe.text_encoder.parameters()), "lr": cfg.text_encoder_learning_rate or cfg.learning_rate},
+            {"params": list(pipe.text_encoder.parameters()),
+             "lr": cfg.learning_rate if cfg.text_encoder_learning_rate is None else cfg.text_encoder_learning_rate},
         ]
 
     def prepare(self, pipe, dataset, cfg: ToyBaseConfig, accelerator):
@@ -361,23 +370,25 @@ class TextUNetStage:
                       num_inference_steps=cfg.validation_inference_steps)
 
     def save(self, pipe, cfg: ToyBaseConfig, out_dir):
-        """The pipeline (shared writer: components first, model_index.json last), CLIP vocab files for old
-        transformers, and a model card, into `pipeline_dir` (`out_dir` keeps the run's checkpoints and logs)."""
-        from customize.methods import dreambooth
+        """The pipeline, CLIP vocab files for old transformers, and a model card, into `pipeline_dir` (`out_dir`
+        keeps the run's checkpoints and logs), all written beside it and swapped in whole by the shared pipeline
+        writer (`customize.utils.atomic_pipeline_dir`)."""
         from customize.training.tracking import write_model_card
+        from customize.utils import atomic_pipeline_dir
 
         if self._processors is not None:  # the recorders and the hook out, the UNet's own processors back
             pipe.unet.set_attn_processor(self._processors)
             self._timestep_hook.remove()
-        dreambooth.save(pipe, cfg, self.pipeline_dir)
-        write_clip_vocab_files(pipe.tokenizer, self.pipeline_dir / "tokenizer")
-        write_model_card(MODEL_CARD.format(
-            vae_steps=cfg.vae_train_steps, unet_steps=cfg.unet_train_steps, batch=cfg.train_batch_size,
-            n=cfg.num_train_images, held=len(world.HELD_OUT_COMBOS), subject=world.SUBJECT, style=world.STYLE,
-            dropout=round(100 * cfg.caption_dropout),
-            grounding=(f", token-grounding loss on the cross-attention maps at weight {cfg.grounding_loss_weight:g}"
-                       if cfg.grounding_loss_weight else ""),
-        ), self.pipeline_dir)
+        with atomic_pipeline_dir(self.pipeline_dir) as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            write_clip_vocab_files(pipe.tokenizer, tmp / "tokenizer")
+            write_model_card(MODEL_CARD.format(
+                vae_steps=cfg.vae_train_steps, unet_steps=cfg.unet_train_steps, batch=cfg.train_batch_size,
+                n=cfg.num_train_images, held=len(world.HELD_OUT_COMBOS), subject=world.SUBJECT, style=world.STYLE,
+                dropout=round(100 * cfg.caption_dropout),
+                grounding=(f", token-grounding loss on the cross-attention maps at weight {cfg.grounding_loss_weight:g}"
+                           if cfg.grounding_loss_weight else ""),
+            ), tmp)
 
 
 MODEL_CARD = """# Toy base model (customize)
@@ -423,10 +434,11 @@ def train_toy_base(cfg: ToyBaseConfig) -> ToyBaseResult:
     from diffusers import AutoencoderKL
 
     from customize.training import train
-    from customize.utils import seed_everything
+    from customize.utils import recover_dir, seed_everything
 
     out = Path(cfg.output_dir)
     pipeline_dir = Path(cfg.pipeline_dir or out / "pipeline")
+    recover_dir(pipeline_dir)  # what a run killed while saving it left
     seconds, final = {}, {}
     start = time.perf_counter()
     seed_everything(cfg.seed)

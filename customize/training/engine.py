@@ -37,7 +37,6 @@ import torch
 from torch.utils.data import DataLoader, default_collate
 
 from customize.data.sampling import EpochBatchSampler, SeededDataset, seeded_rng
-
 from customize.training import checkpoint as ckpt
 from customize.training.config import CUDA_GRAPH_MODES, TrainConfig
 from customize.training.ema import EMA
@@ -225,6 +224,9 @@ def train(method, model, dataset, cfg: TrainConfig) -> TrainResult:
         if not callable(getattr(method, hook, None)):
             raise TypeError(f"the method {method!r} lacks the required hook {hook}(...)")
     output_dir = Path(cfg.output_dir)
+    # Refuse what the output folder and the resume cannot do before anything is built or written (the recipes call
+    # it once more before they load the model).
+    ckpt.check_run_folder(cfg)
     _reset_accelerate_state_if_needed(cfg.mixed_precision)
     trackers = resolve_trackers(cfg.report_to)
     accelerator = Accelerator(
@@ -252,6 +254,7 @@ def train(method, model, dataset, cfg: TrainConfig) -> TrainResult:
     if cfg.mixed_precision == "fp16" and any(p.dtype == torch.float16 for p in params):
         raise ValueError("mixed_precision=fp16 needs float32 trained parameters (the grad scaler cannot unscale "
                          "fp16 gradients): cast only frozen weights to fp16, or train in bf16")
+    cfg.check_runtime()  # fp16 without a GPU, 8-bit Adam / xformers not installed (parse_config checked it first)
     trained_ids = {id(p) for p in params}
     for m in modules.values():
         m.to(device)
@@ -297,23 +300,24 @@ def train(method, model, dataset, cfg: TrainConfig) -> TrainResult:
     )
 
     if accelerator.is_main_process:
+        if cfg.overwrite_output_dir:
+            removed = ckpt.remove_checkpoints(output_dir)
+            if removed:
+                logger.warning("overwrite_output_dir: removed the checkpoints of the earlier run in %s (%s)",
+                               output_dir, ", ".join(p.name for p in removed))
         ckpt.remove_partial(output_dir)
     accelerator.wait_for_everyone()
     global_step, losses = 0, []
-    resume = ckpt.resolve_resume(output_dir, cfg.resume_from_checkpoint)
+    # Again, now that leftovers of killed writes are cleaned up (a checkpoint moved aside may be back).
+    resume = ckpt.check_run_folder(cfg)
     if resume is not None:
         # Last thing before the loop: it restores the RNG streams, and nothing may draw from them in between.
-        tensors, ema_tensors, state = ckpt.load_checkpoint(accelerator, resume)
+        tensors, ema_tensors, state = ckpt.load_checkpoint(accelerator, resume, use_ema=ema is not None,
+                                                           shapes={n: tuple(p.shape) for n, p in zip(names, params)})
         with torch.no_grad():
             for name, p in zip(names, params):
-                if name not in tensors:
-                    raise KeyError(f"{resume}: no saved tensor for trained parameter {name}; "
-                                   "resume with the same method and options that wrote the checkpoint")
                 p.copy_(tensors[name])
         if ema is not None:
-            if ema_tensors is None:
-                raise FileNotFoundError(f"{resume} has no EMA state but use_ema is on; resume with use_ema off "
-                                        "or from a checkpoint written with it")
             ema.load_state_tensors(ema_tensors, names, state["ema_updates"])
         global_step, losses = state["global_step"], list(state["losses"])
         geometry = (accelerator.num_processes, cfg.train_batch_size, cfg.gradient_accumulation_steps)
@@ -342,13 +346,34 @@ def train(method, model, dataset, cfg: TrainConfig) -> TrainResult:
                 result.validation_images.append(str(record_validation(accelerator, list(images), step, output_dir)))
         accelerator.wait_for_everyone()
 
+    def last_good() -> str:
+        """The diverged run's last checkpoint (each one is checked finite before it is written), if any."""
+        last = result.checkpoints[-1] if result.checkpoints else result.resumed_from
+        if last is None:
+            return "no checkpoint of this run was written before"
+        return f"the last finite checkpoint is {last}"
+
+    def check_finite(step: int) -> None:
+        """Refuse to publish non-finite weights (a checkpoint or the final save): a diverged run stops here."""
+        tensors = list(zip(names, params)) + (list(zip(names, ema.shadow)) if ema is not None else [])
+        finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in tensors]).cpu()
+        if not bool(finite.all()):
+            bad = [n for (n, _), ok in zip(tensors, finite.tolist()) if not ok]
+            raise FloatingPointError(
+                f"the trained weights are not finite after step {step} (nan or inf in {len(bad)} tensors, e.g. "
+                f"{bad[0]}): the run diverged and nothing was saved for this step; {last_good()}. Start over with "
+                "a lower learning_rate, max_grad_norm above 0, or bf16 instead of fp16"
+            )
+
     def save_checkpoint(step: int) -> None:
+        check_finite(step)
         state = {
             "global_step": step,
             "losses": losses,
             "ema_updates": ema.num_updates if ema else 0,
             "geometry": [accelerator.num_processes, cfg.train_batch_size, cfg.gradient_accumulation_steps],
             "seed": cfg.seed,
+            "settings": ckpt.run_settings(cfg),
         }
         path = ckpt.save_checkpoint(
             accelerator, output_dir, step,
@@ -374,7 +399,7 @@ def train(method, model, dataset, cfg: TrainConfig) -> TrainResult:
             if not math.isfinite(step_loss):
                 raise FloatingPointError(
                     f"loss is {step_loss} at step {step}: lower learning_rate, use bf16 instead of fp16, "
-                    "or check the data"
+                    f"or check the data ({last_good()})"
                 )
             logs = {"loss": step_loss, "lr": lr, **{k: float(v) for k, v in extras.items()}}
             if grad_norm is not None:
@@ -441,6 +466,7 @@ def train(method, model, dataset, cfg: TrainConfig) -> TrainResult:
     accelerator.wait_for_everyone()
     if cfg.validation_steps and global_step % cfg.validation_steps != 0:
         validate(global_step)
+    check_finite(global_step)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         with ema.swapped_in() if ema else contextlib.nullcontext():

@@ -13,10 +13,10 @@ SDXL also needs "time_ids" (B, 6) = (original_size, crop_top_left, target_size) 
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import torch
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from customize.models import is_sdxl, vae_scale_factor
 from customize.training.losses import diffusion_loss
@@ -37,12 +37,43 @@ def text_encoders(pipe) -> list[torch.nn.Module]:
 
 
 def tokenize(pipe, prompts: Sequence[str]) -> list[torch.Tensor]:
-    """One (B, L) id tensor per tokenizer, padded to the tokenizer's model_max_length and truncated like the pipeline."""
+    """One (B, L) id tensor per tokenizer, padded to the tokenizer's model_max_length and truncated like the pipeline
+    (a caption cut there is reported once, `warn_truncated`)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    toks = tokenizers(pipe)
+    warn_truncated(toks[0], prompts)
     return [
         tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-        for tok in tokenizers(pipe)
+        for tok in toks
     ]
+
+
+logger = logging.getLogger(__name__)
+# What warn_truncated has seen in this process: the prompts already measured, and whether it has warned.
+_TRUNCATION = {"checked": set(), "warned": False}
+_MAX_CHECKED = 100_000
+
+
+def warn_truncated(tokenizer, prompts: Sequence[str]) -> int:
+    """Warn once per run (process) when prompts are longer than the text encoder reads (CLIP: 77 tokens with the
+    start and end tokens): they are cut there, and the words past it never reach the model. Each distinct prompt
+    is measured once. Returns how many of `prompts` are cut."""
+    state, limit = _TRUNCATION, tokenizer.model_max_length
+    new = [p for p in dict.fromkeys(prompts) if p not in state["checked"]]
+    if state["warned"] or not new:
+        return 0
+    if len(state["checked"]) < _MAX_CHECKED:
+        state["checked"].update(new)
+    lengths = [len(ids) for ids in tokenizer(new, truncation=False, verbose=False).input_ids]
+    cut = [(p, n) for p, n in zip(new, lengths) if n > limit]
+    if cut:
+        state["warned"] = True
+        first, n = cut[0]
+        first = first if len(first) <= 100 else first[:97] + "..."
+        logger.warning("%d of %d caption(s) of this batch are longer than the text encoder's %d tokens and are cut "
+                       "there (the words after it are not trained on), e.g. %r (%d tokens); shorten them. (Shown "
+                       "once per run.)", len(cut), len(new), limit, first, n)
+    return len(cut)
 
 
 def encode_tokens(pipe, input_ids: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -81,11 +112,14 @@ def time_ids(original_size, crop_top_left, target_size, device=None, dtype=torch
 
 def check_resolution(pipe, resolution: int) -> None:
     """Refuse an image size the VAE cannot encode to a whole latent grid, before any work or file is made."""
+    from customize.models import model_info
+
     factor = vae_scale_factor(pipe.vae)
     if resolution <= 0 or resolution % factor:
-        lower, upper = max(factor, resolution // factor * factor), (resolution // factor + 1) * factor
+        nearest = sorted({max(factor, resolution // factor * factor), max(factor, (resolution // factor + 1) * factor)})
         raise ValueError(
-            f"resolution {resolution} is not a multiple of the VAE downsampling factor {factor}; use {lower} or {upper}"
+            f"resolution {resolution} is not a positive multiple of the VAE downsampling factor {factor}; use "
+            f"{' or '.join(map(str, nearest))} (this model's native size is {model_info(pipe).resolution})"
         )
 
 
@@ -98,6 +132,9 @@ def image_moments(vae, pixel_values: torch.Tensor) -> torch.Tensor:
 
 def latents_from_moments(vae, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """z ~ q(z | x), then the SD latent normalisation z' = (z - shift_factor) * scaling_factor."""
+    # imported here: diffusers' model modules take seconds to import, and a recipe refuses bad options before
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
     latents = DiagonalGaussianDistribution(moments).sample(generator)  # (B, C, h, w)
     shift = getattr(vae.config, "shift_factor", None)
     if shift:
