@@ -49,11 +49,15 @@ def _run(command, cwd, timeout, extra_env) -> Run:
     return Run(done.returncode, done.stdout, done.stderr)
 
 
-def assert_refused(run: Run, *needles: str) -> str:
-    """Exit status 1, one `error:` line on standard error that contains every needle (case-insensitive), and
-    no traceback. Returns the error line."""
+# argparse's status for a command line it cannot parse (an unknown flag, a value of the wrong type)
+USAGE_ERROR = 2
+
+
+def assert_refused(run: Run, *needles: str, status: int = 1) -> str:
+    """Exit status `status` (1; USAGE_ERROR for a command line argparse refuses), one `error:` line on standard
+    error that contains every needle (case-insensitive), and no traceback. Returns the error line."""
     assert "Traceback" not in run.output, run.output
-    assert run.returncode == 1, f"exit status {run.returncode}:\n{run.output}"
+    assert run.returncode == status, f"exit status {run.returncode}:\n{run.output}"
     errors = [line for line in run.stderr.splitlines() if ": error: " in line or line.startswith("error: ")]
     assert len(errors) == 1, f"expected one error line:\n{run.stderr}"
     for needle in needles:

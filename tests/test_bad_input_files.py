@@ -57,6 +57,18 @@ def test_generate_refuses(case, files, tmp_path):
     assert listing(out) == {}
 
 
+def test_generate_refuses_a_lora_made_for_another_model(tmp_path):
+    """A LoRA whose layers have another model's widths (here the tiny SDXL's) loads nothing into this one."""
+    from customize.models import tiny_pipeline
+
+    layer = tiny_pipeline("sdxl").unet.get_submodule(KEY.removeprefix("unet."))
+    other = LoraState({KEY: LoraLayer(torch.randn(2, layer.in_features), torch.randn(layer.out_features, 2), 2.0)})
+    path = save_lora(other, tmp_path / "xl_lora.safetensors")
+    run, out = _generate(tmp_path, "--lora", path)
+    assert_refused(run, "xl_lora.safetensors", "this LoRA was made for", "do not fit")
+    assert listing(out) == {}
+
+
 def test_inspect_reports_non_finite_values_and_convert_refuses_them(files, tmp_path):
     run = customize("inspect", files["nan_lora"], "--json")
     assert run.returncode == 0, run.output

@@ -10,7 +10,7 @@ import zlib
 
 import pytest
 import torch
-from bad_input import TOY, assert_refused, customize, listing, recipe
+from bad_input import TOY, USAGE_ERROR, assert_refused, customize, listing, recipe
 from PIL import Image
 
 
@@ -106,4 +106,29 @@ def test_decompression_bomb_png_names_the_file(tmp_path):
     run = recipe("train_dreambooth_lora", *TOY, "--instance_data_dir", data, "--output_dir", tmp_path / "out",
                  "--max_train_steps", "1")
     assert_refused(run, "huge.png", "too large", "downscale")
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("args, needles, status", [
+    (["--max_train_steps", "many"], ("--max_train_steps", "invalid int value", "'many'"), USAGE_ERROR),
+    (["--learning_rat", "1e-4"], ("not used", "--learning_rat"), 1),
+], ids=["wrong-type", "misspelt-flag"])
+def test_a_bad_command_line_is_refused(tmp_path, args, needles, status):
+    """A flag's value of the wrong type (argparse's usage line and status) or a misspelt flag (never a prefix
+    match of another), before anything loads."""
+    data = _images(tmp_path / "data")
+    before = listing(tmp_path)
+    run = recipe("train_dreambooth_lora", *TOY, "--instance_data_dir", data, "--output_dir", tmp_path / "out", *args)
+    assert_refused(run, *needles, status=status)
+    assert listing(tmp_path) == before
+
+
+def test_a_corrupt_image_names_the_file(tmp_path):
+    data = _images(tmp_path / "data")
+    good = (data / "0.png").read_bytes()
+    (data / "cut.png").write_bytes(good[: len(good) // 2])  # a download cut off midway
+    before = listing(tmp_path)
+    run = recipe("train_dreambooth_lora", *TOY, "--instance_data_dir", data, "--output_dir", tmp_path / "out",
+                 "--max_train_steps", "1")
+    assert_refused(run, "cut.png")
     assert listing(tmp_path) == before
