@@ -326,7 +326,7 @@ def inspect_file(path: str | os.PathLike) -> dict:
     file is still described, and every reader that would use it refuses it)."""
     from customize.formats.common import describe_nonfinite, nonfinite_counts
     from customize.formats.embeddings import EMBEDDING_WEIGHT_NAME, EMBEDDING_WEIGHT_NAME_2, EMBEDDING_WEIGHT_NAME_BIN
-    from customize.formats.lora import LORA_WEIGHT_NAME
+    from customize.formats.lora_state import LORA_WEIGHT_NAME
 
     result = _describe_file(path)
     path = Path(path)
@@ -350,7 +350,7 @@ def _describe_file(path: str | os.PathLike) -> dict:
 
     from customize.formats import FormatError, inspect_lora, read_embedding
     from customize.formats.embeddings import EMBEDDING_WEIGHT_NAME, EMBEDDING_WEIGHT_NAME_BIN
-    from customize.formats.lora import LORA_WEIGHT_NAME
+    from customize.formats.lora_state import LORA_WEIGHT_NAME
 
     path = Path(path)
     if path.is_dir():
@@ -403,7 +403,7 @@ def cmd_inspect(args) -> int:
 
 def _convert_output(src: Path, dst: Path, to: str) -> Path:
     """A folder OUT gets diffusers' file name, or for kohya the input's name (A1111 shows it as the LoRA name)."""
-    from customize.formats.lora import LORA_WEIGHT_NAME
+    from customize.formats.lora_state import LORA_WEIGHT_NAME
 
     if dst.suffix:
         return dst
@@ -417,10 +417,10 @@ def _convert_output(src: Path, dst: Path, to: str) -> Path:
 
 def cmd_convert(args) -> int:
     from customize.formats import check_lora_compatible, convert_lora, describe_family, inspect_lora
-    from customize.formats.lora import UNetLayout
+    from customize.formats.kohya_names import UNetLayout
 
     from customize.formats import FormatError
-    from customize.formats.lora import _weights_file
+    from customize.formats.lora_read import _weights_file
 
     out = _convert_output(Path(args.input), Path(args.output), args.to)
     src = _weights_file(args.input)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from customize.formats.lora import LORA_WEIGHT_NAME
+from customize.formats.lora_state import LORA_WEIGHT_NAME
 from customize.methods import dreambooth
 from customize.methods.dreambooth import DreamBoothConfig, build_dataset, collate, loss, validate  # noqa: F401  (shared hooks)
 from customize.training import sd
