@@ -87,7 +87,7 @@ class ToyMethod:
         loss = torch.nn.functional.mse_loss(pred.float(), batch["y"].float())
         return {"loss": loss, "pred_mean": pred.detach().mean()}
 
-    def after_step(self, model, cfg):
+    def after_step(self, model, cfg, step):
         self.calls.append("after_step")
         if getattr(cfg, "slow", 0):
             time.sleep(cfg.slow)

@@ -2,6 +2,7 @@
 pipeline, the embedding stop after train_text_encoder_ti_frac (also across a resume), prompts and errors."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,19 @@ def test_resume_after_the_stop_matches_an_uninterrupted_run(tmp_path):
     again = checkpoint_tensors(Path(cfg.output_dir), 4)
     assert torch.equal(final[0], again[0])
     assert all(torch.equal(final[1][k], again[1][k]) for k in final[1])
+
+
+def test_the_step_count_is_method_state_kept_with_the_checkpoints(tmp_path):
+    """The engine saves PivotalTuning's step count in each checkpoint and hands it back on resume (the method reads
+    no checkpoint itself)."""
+    cfg = config(tmp_path, max_train_steps=2)
+    run(cfg)
+    for step in (1, 2):
+        saved = json.loads((Path(cfg.output_dir) / f"checkpoint-{step}" / "method_state.json").read_text())
+        assert saved == {"state": {"step": step}, "tensors": []}
+    method = PivotalTuning()
+    method.load_state_dict({"step": 7})
+    assert method.step == 7 and method.state_dict() == {"step": 7}
 
 
 def test_param_groups_use_text_encoder_lr(tmp_path):

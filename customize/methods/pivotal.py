@@ -25,7 +25,6 @@ from torch.utils.data import Dataset
 from customize.data import PairedDataset
 from customize.methods import lora
 from customize.methods import textual_inversion as ti
-from customize.training import checkpoint as ckpt
 from customize.training.config import check_learning_rate
 
 
@@ -109,7 +108,9 @@ class PivotalTuning:
 
     def __init__(self):
         self.tokens: ti.PlaceholderTokens | None = None
-        self.step = 0  # optimizer steps done, to stop the embeddings after `embedding_steps`
+        # Optimizer steps done (the engine's global step), to stop the embeddings after `embedding_steps`; kept
+        # with the checkpoints (state_dict), so a resumed run knows whether they had stopped.
+        self.step = 0
 
     def trainable_parameters(self, pipe, cfg: PivotalConfig):
         """LoRA's matrices (UNet at learning_rate; text encoders at text_encoder_lr) and the embedding matrices
@@ -132,9 +133,6 @@ class PivotalTuning:
         if cfg.use_captions and not any(ti.contains_word(p, cfg.token_abstraction) for p in _instance_prompts(dataset)):
             raise ValueError(f"no caption contains the token abstraction {cfg.token_abstraction!r}: put it in the "
                              "captions where the subject is named (e.g. 'a photo of TOK on a beach')")
-        # A resumed run must know whether the embeddings had already stopped when its checkpoint was written.
-        resume = ckpt.resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
-        self.step = ckpt.checkpoint_step(resume) if resume is not None else 0
         if cfg.cache_latents:
             # Only the images: the prompts go through the text encoders every step, since S* is trained.
             if isinstance(dataset, PairedDataset):
@@ -153,10 +151,17 @@ class PivotalTuning:
             self.tokens.freeze()
         return lora.loss(pipe, batch, cfg)
 
-    def after_step(self, pipe, cfg: PivotalConfig) -> None:
-        self.step += 1
+    def after_step(self, pipe, cfg: PivotalConfig, step: int) -> None:
+        self.step = step
         if self.tokens is not None:
             self.tokens.restore_frozen_rows()
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        """A resumed run: the checkpoint's step count decides whether the embeddings had already stopped."""
+        self.step = int(state["step"])
 
     def validate(self, pipe, cfg: PivotalConfig, step: int):
         if cfg.validation_prompt and cfg.train_text_encoder_ti:
