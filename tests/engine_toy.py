@@ -69,7 +69,7 @@ class ToyModel(torch.nn.Module):
 
 
 class ToyMethod:
-    """The hooks of a method; `calls` records what the engine invoked (for tests)."""
+    """The hooks of a method (customize.training.method); `calls` records what the engine invoked (for tests)."""
 
     def __init__(self, validate_images: bool = False):
         self.calls: list[str] = []
