@@ -65,12 +65,12 @@ from customize.formats.lora_state import (
     canonical_module,
     split_key,
 )
-from customize.formats.lora_write import convert_lora, save_lora
+from customize.formats.lora_write import TRAINING_KEYS, LoraTraining, convert_lora, save_lora, training_metadata
 
 __all__ = [
     "FormatError", "ADAPTER_METADATA_KEY", "COMPONENTS", "FORMATS", "LORA_WEIGHT_NAME", "LoraLayer", "LoraState", "canonical_module",
     "split_key", "SD_LAYOUT", "SDXL_LAYOUT", "UNetLayout", "diffusers_to_sgm", "kohya_name", "module_path_from_kohya",
     "sgm_to_diffusers", "read_lora", "LoraInfo", "inspect_lora", "detect_lora_format", "detect_lora_family",
     "lora_cross_attention_dim", "LoraCompatibilityError", "check_lora_compatible", "find_module", "load_lora_files",
-    "lora_state_from_model", "save_lora", "convert_lora",
+    "lora_state_from_model", "save_lora", "convert_lora", "LoraTraining", "TRAINING_KEYS", "training_metadata",
 ]

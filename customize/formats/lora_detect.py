@@ -60,6 +60,8 @@ def lora_cross_attention_dim(state: LoraState) -> int | None:
 
 
 def _family_from_metadata(metadata: dict[str, str]) -> str | None:
+    if metadata.get("customize.base_family") in CROSS_ATTENTION_FAMILY.values():  # what our writer records
+        return metadata["customize.base_family"]
     version = metadata.get("ss_base_model_version", "")
     arch = metadata.get("modelspec.architecture", "")
     for family, version_prefix, arch_prefix in (("sdxl", "sdxl", "stable-diffusion-xl"),

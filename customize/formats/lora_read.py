@@ -208,7 +208,8 @@ def inspect_lora(path: str | os.PathLike, layout: UNetLayout | None = None) -> L
     """What the file holds; a file with NaN or infinite values is described too (`customize inspect` counts them)."""
     state = read_lora(path, layout, finite=False)
     targets = sorted({_LEAF.sub("", split_key(k)[1]) for k in state.layers})
-    shown = {k: v for k, v in state.metadata.items() if k.startswith(_CARRIED_METADATA) or k == ADAPTER_METADATA_KEY}
+    shown = {k: v for k, v in state.metadata.items()
+             if k.startswith((*_CARRIED_METADATA, "customize.")) and k != "customize.unet_names" or k == ADAPTER_METADATA_KEY}
     return LoraInfo(
         path=str(_weights_file(path)),
         format=state.format,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +30,96 @@ _KOHYA_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 _MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora",
                    "sdxl": "stable-diffusion-xl-v1-base/lora"}
 _MODELSPEC_IMPL = {"sd1": "diffusers", "sd2": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models"}
+
+# Where a trained LoRA's description goes. kohya files: the keys kohya sd-scripts writes (A1111 and ComfyUI show
+# them) and the Stability model spec (`modelspec.trigger_phrase`: the words that call the LoRA up, comma
+# separated). diffusers / peft files: these keys of the safetensors metadata (JSON values where not a string).
+TRAINING_KEYS = {
+    "family": "customize.base_family",
+    "base_model": "customize.base_model",
+    "trigger_words": "customize.trigger_words",
+    "settings": "customize.training",
+    "title": "customize.title",
+}
+# run settings whose kohya key is not ss_<name>; None: not written (ss_network_dim / ss_network_alpha come from the
+# weights themselves)
+_KOHYA_SETTING_KEYS = {
+    "train_batch_size": "ss_batch_size_per_device",
+    "lora_dropout": "ss_network_dropout",
+    "snr_gamma": "ss_min_snr_gamma",
+    "rank": None,
+    "lora_alpha": None,
+}
+
+
+@dataclass
+class LoraTraining:
+    """What a trained LoRA's file says about it besides the weights (each module's alpha is stored with them):
+    the base model, the words that call it up, the run's settings and a title. `save_lora` writes it in the
+    keys of the file's format (`training_metadata`); a file read back gives it again (`from_metadata`), so a
+    conversion keeps it."""
+
+    base_model: str | None = None
+    trigger_words: tuple[str, ...] = ()
+    settings: dict[str, object] = field(default_factory=dict)
+    title: str | None = None
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str]) -> LoraTraining:
+        """From a file's metadata: ours (customize.*) first, else kohya's / the model spec's."""
+        def loads(key, default):
+            try:
+                return json.loads(metadata[key]) if key in metadata else default
+            except json.JSONDecodeError:
+                return default
+
+        words = loads(TRAINING_KEYS["trigger_words"], None)
+        if not isinstance(words, list):
+            words = [w.strip() for w in metadata.get("modelspec.trigger_phrase", "").split(",") if w.strip()]
+        settings = loads(TRAINING_KEYS["settings"], {})
+        return cls(
+            base_model=metadata.get(TRAINING_KEYS["base_model"]) or metadata.get("ss_sd_model_name"),
+            trigger_words=tuple(str(w) for w in words),
+            settings=settings if isinstance(settings, dict) else {},
+            title=metadata.get(TRAINING_KEYS["title"]) or metadata.get("modelspec.title") or metadata.get("ss_output_name"),
+        )
+
+
+def _kohya_value(name: str, value) -> str:
+    if name == "resolution":  # kohya writes "(width, height)"
+        return f"({value}, {value})"
+    return str(value)
+
+
+def training_metadata(training: LoraTraining, format: str, family: str | None) -> dict[str, str]:
+    """`training` (and the base family) as the metadata entries of a `format` file. kohya's family keys
+    (ss_base_model_version, modelspec.architecture) are written with the weights (`_to_kohya`)."""
+    settings = {k: v for k, v in training.settings.items() if v is not None}
+    if format != "kohya":
+        meta = {
+            TRAINING_KEYS["family"]: family,
+            TRAINING_KEYS["base_model"]: training.base_model,
+            TRAINING_KEYS["trigger_words"]: json.dumps(list(training.trigger_words)) if training.trigger_words else None,
+            TRAINING_KEYS["settings"]: json.dumps(settings, sort_keys=True) if settings else None,
+            TRAINING_KEYS["title"]: training.title,
+        }
+        return {k: v for k, v in meta.items() if v is not None}
+    meta = {}
+    for name, value in settings.items():
+        key = _KOHYA_SETTING_KEYS.get(name, f"ss_{name}")
+        if key is not None:
+            meta[key] = _kohya_value(name, value)
+    if "resolution" in settings:
+        meta["modelspec.resolution"] = f"{settings['resolution']}x{settings['resolution']}"
+    if "train_text_encoder" in settings:
+        meta["ss_network_train_unet_only"] = str(not settings["train_text_encoder"])
+    if training.base_model:
+        meta["ss_sd_model_name"] = training.base_model
+    if training.title:
+        meta["ss_output_name"] = meta["modelspec.title"] = training.title
+    if training.trigger_words:
+        meta["modelspec.trigger_phrase"] = ", ".join(training.trigger_words)
+    return meta
 
 
 def _json_number(x: float):
@@ -120,13 +211,17 @@ def save_lora(
     family: str | None = None,
     layout: UNetLayout | None = None,
     metadata: dict[str, str] | None = None,
+    training: LoraTraining | None = None,
 ) -> Path:
     """Write `state` atomically as a diffusers, peft or kohya .safetensors file (a folder gets
     pytorch_lora_weights.safetensors). Every module's alpha / rank is kept: kohya as `.alpha` tensors,
-    diffusers / peft in the adapter metadata that `load_lora_weights` reads.
+    diffusers / peft in the adapter metadata that `load_lora_weights` reads. The toolkit writes every LoRA
+    through here: training runs (customize.methods.lora.save) and conversions.
 
     kohya needs the family (text encoder prefix lora_te_ vs lora_te1_, sgm UNet names for SDXL); it is taken
-    from the shapes when not given. `layout` describes a non-standard SDXL UNet (tiny test models)."""
+    from the shapes when not given. `layout` describes a non-standard SDXL UNet (tiny test models).
+    `training` (base model, trigger words, settings) is written in the format's keys (`training_metadata`);
+    without it, what `state`'s own metadata says (a file read back). `metadata` entries are added last."""
     from customize.utils import save_safetensors_atomic
 
     if format not in FORMATS:
@@ -137,7 +232,8 @@ def save_lora(
     else:
         tensors, meta = _to_diffusers(state, peft_names=format == "peft")
     carried = {k: v for k, v in state.metadata.items() if k.startswith(_CARRIED_METADATA)}
-    meta = {**carried, **meta, **(metadata or {})}
+    training = training if training is not None else LoraTraining.from_metadata(state.metadata)
+    meta = {**carried, **meta, **training_metadata(training, format, family), **(metadata or {})}
     out = _output_file(path, LORA_WEIGHT_NAME)
     return save_safetensors_atomic(tensors, out, metadata={k: str(v) for k, v in meta.items()})
 

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
 
 from torch.utils.data import Dataset
 
 from customize.data import PairedDataset
+from customize.formats.embeddings import EMBEDDING_WEIGHT_NAME, EMBEDDING_WEIGHT_NAME_2
 from customize.methods import lora
 from customize.methods import textual_inversion as ti
 from customize.training.config import check_learning_rate
@@ -77,6 +80,21 @@ class PivotalConfig(lora.LoRAConfig):
     def embedding_steps(self) -> int:
         """Optimizer steps during which the embeddings train (at least one)."""
         return max(1, int(self.train_text_encoder_ti_frac * self.max_train_steps))
+
+    FILE_SETTINGS: ClassVar[tuple[str, ...]] = lora.LoRAConfig.FILE_SETTINGS + (
+        "text_encoder_lr", "train_text_encoder_ti", "token_abstraction", "placeholder_token",
+        "num_new_tokens_per_abstraction", "train_text_encoder_ti_frac",
+    )
+
+    def lora_file_name(self) -> str:
+        """LoRA's, unless a kohya file would take the name of an embedding file written beside it."""
+        name = super().lora_file_name()
+        embeddings = {EMBEDDING_WEIGHT_NAME, EMBEDDING_WEIGHT_NAME_2, f"{ti.single_file_name(self.placeholder_token)}.safetensors"}
+        return f"{Path(name).stem}_lora.safetensors" if name in embeddings else name
+
+    def trigger_words(self) -> tuple[str, ...]:
+        """The new word, as prompts write it (the pipeline expands it to its vectors); without it, LoRA's."""
+        return (self.placeholder_token,) if self.train_text_encoder_ti else super().trigger_words()
 
 
 class AbstractionPrompts(Dataset):
@@ -180,11 +198,12 @@ class PivotalTuning:
         card = lora.model_card(cfg)
         if not cfg.train_text_encoder_ti:
             return card
+        weight_name = f", weight_name=\"{cfg.lora_file_name()}\"" if cfg.lora_format == "kohya" else ""
         return card + (
             f"\n## Pivotal tuning\n\nThe subject is the new word `{cfg.placeholder_token}` "
             f"({cfg.num_new_tokens_per_abstraction} vectors; it replaced `{cfg.token_abstraction}` in the training "
             f"prompts, and trained for {cfg.embedding_steps} of {cfg.max_train_steps} steps). Load both files:\n\n"
-            "```python\npipe.load_lora_weights(folder)\n"
+            f"```python\npipe.load_lora_weights(folder{weight_name})\n"
             f"pipe.load_textual_inversion(folder, token=\"{cfg.placeholder_token}\")\n"
             "# SDXL, second encoder:\n"
             f"pipe.load_textual_inversion(folder, weight_name=\"learned_embeds_2.safetensors\", token=\"{cfg.placeholder_token}\",\n"
