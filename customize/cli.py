@@ -358,6 +358,9 @@ def _describe_file(path: str | os.PathLike) -> dict:
             emb = read_embedding(path, finite=False)
             return {"kind": "embedding", "path": str(path), "summary": emb.summary(str(path))}
         if not (path / LORA_WEIGHT_NAME).is_file():
+            found = sorted(path.glob("*.safetensors"))
+            if len(found) == 1:  # a kohya LoRA from training (--lora_format kohya) is named after its folder
+                return _describe_file(found[0])
             raise FileNotFoundError(f"{path}: no {LORA_WEIGHT_NAME} or {EMBEDDING_WEIGHT_NAME} in this folder")
         info = inspect_lora(path)
         return {"kind": "lora", **asdict(info), "summary": info.summary()}

@@ -60,7 +60,7 @@ def lora_cross_attention_dim(state: LoraState) -> int | None:
 
 
 def _family_from_metadata(metadata: dict[str, str]) -> str | None:
-    if metadata.get("customize.base_family") in CROSS_ATTENTION_FAMILY.values():  # what our writer records
+    if metadata.get("customize.base_family") in CROSS_ATTENTION_FAMILY.values():  # our diffusers / peft files
         return metadata["customize.base_family"]
     version = metadata.get("ss_base_model_version", "")
     arch = metadata.get("modelspec.architecture", "")
@@ -77,8 +77,8 @@ def detect_lora_family(state: LoraState) -> str | None:
     if "text_encoder_2" in state.components():
         return "sdxl"
     cross = lora_cross_attention_dim(state)
-    if cross is not None:
-        return CROSS_ATTENTION_FAMILY.get(cross)
+    if cross is not None:  # a width of no known family (tiny test models): only the metadata can tell
+        return CROSS_ATTENTION_FAMILY.get(cross) or _family_from_metadata(state.metadata)
     te_width = _in_width(state, "text_encoder", ("q_proj", "k_proj", "v_proj", "fc1"))
     if te_width == OPENCLIP_H_WIDTH:
         return "sd2"
