@@ -264,7 +264,7 @@ class Clocked:
     def __getattr__(self, name):
         return getattr(self.method, name)
 
-    def after_step(self, model, cfg):
+    def after_step(self, model, cfg, step):
         _sync(self.device)
         self.stamps.append(time.perf_counter())
 

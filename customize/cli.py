@@ -326,7 +326,7 @@ def inspect_file(path: str | os.PathLike) -> dict:
     file is still described, and every reader that would use it refuses it)."""
     from customize.formats.common import describe_nonfinite, nonfinite_counts
     from customize.formats.embeddings import EMBEDDING_WEIGHT_NAME, EMBEDDING_WEIGHT_NAME_2, EMBEDDING_WEIGHT_NAME_BIN
-    from customize.formats.lora import LORA_WEIGHT_NAME
+    from customize.formats.lora_state import LORA_WEIGHT_NAME
 
     result = _describe_file(path)
     path = Path(path)
@@ -350,7 +350,7 @@ def _describe_file(path: str | os.PathLike) -> dict:
 
     from customize.formats import FormatError, inspect_lora, read_embedding
     from customize.formats.embeddings import EMBEDDING_WEIGHT_NAME, EMBEDDING_WEIGHT_NAME_BIN
-    from customize.formats.lora import LORA_WEIGHT_NAME
+    from customize.formats.lora_state import LORA_WEIGHT_NAME
 
     path = Path(path)
     if path.is_dir():
@@ -358,6 +358,9 @@ def _describe_file(path: str | os.PathLike) -> dict:
             emb = read_embedding(path, finite=False)
             return {"kind": "embedding", "path": str(path), "summary": emb.summary(str(path))}
         if not (path / LORA_WEIGHT_NAME).is_file():
+            found = sorted(path.glob("*.safetensors"))
+            if len(found) == 1:  # a kohya LoRA from training (--lora_format kohya) is named after its folder
+                return _describe_file(found[0])
             raise FileNotFoundError(f"{path}: no {LORA_WEIGHT_NAME} or {EMBEDDING_WEIGHT_NAME} in this folder")
         info = inspect_lora(path)
         return {"kind": "lora", **asdict(info), "summary": info.summary()}
@@ -403,7 +406,7 @@ def cmd_inspect(args) -> int:
 
 def _convert_output(src: Path, dst: Path, to: str) -> Path:
     """A folder OUT gets diffusers' file name, or for kohya the input's name (A1111 shows it as the LoRA name)."""
-    from customize.formats.lora import LORA_WEIGHT_NAME
+    from customize.formats.lora_state import LORA_WEIGHT_NAME
 
     if dst.suffix:
         return dst
@@ -417,10 +420,10 @@ def _convert_output(src: Path, dst: Path, to: str) -> Path:
 
 def cmd_convert(args) -> int:
     from customize.formats import check_lora_compatible, convert_lora, describe_family, inspect_lora
-    from customize.formats.lora import UNetLayout
+    from customize.formats.kohya_names import UNetLayout
 
     from customize.formats import FormatError
-    from customize.formats.lora import _weights_file
+    from customize.formats.lora_read import _weights_file
 
     out = _convert_output(Path(args.input), Path(args.output), args.to)
     src = _weights_file(args.input)

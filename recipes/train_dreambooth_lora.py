@@ -8,7 +8,8 @@ the UNet attention projections (optionally all transformer-block linears and the
 
 A style LoRA is the same command on style images, with a style prompt ("a painting in the style of sks") or
 per-image captions (--use_captions: metadata.jsonl or .txt files beside the images). Prior preservation works
-as in train_dreambooth.py. Writes pytorch_lora_weights.safetensors (load with `pipe.load_lora_weights(dir)`)
+as in train_dreambooth.py. Writes pytorch_lora_weights.safetensors (load with `pipe.load_lora_weights(dir)`;
+--lora_format kohya: <output folder name>.safetensors for A1111 / ComfyUI)
 and a README.md model card; `--help` lists every option.
 """
 

@@ -69,7 +69,7 @@ class ToyModel(torch.nn.Module):
 
 
 class ToyMethod:
-    """The hooks of a method; `calls` records what the engine invoked (for tests)."""
+    """The hooks of a method (customize.training.method); `calls` records what the engine invoked (for tests)."""
 
     def __init__(self, validate_images: bool = False):
         self.calls: list[str] = []
@@ -87,7 +87,7 @@ class ToyMethod:
         loss = torch.nn.functional.mse_loss(pred.float(), batch["y"].float())
         return {"loss": loss, "pred_mean": pred.detach().mean()}
 
-    def after_step(self, model, cfg):
+    def after_step(self, model, cfg, step):
         self.calls.append("after_step")
         if getattr(cfg, "slow", 0):
             time.sleep(cfg.slow)

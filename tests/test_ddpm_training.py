@@ -201,7 +201,7 @@ def _command(out: Path, *extra: str) -> list[str]:
 # optimizer step and it touches no weight or RNG), as tests/engine_toy.py's --slow does for tests/test_resume.py.
 # Usage: python -c SLOW_RECIPE SECONDS RECIPE [flags].
 SLOW_RECIPE = ("import runpy, sys, time; from customize.methods.ddpm import DDPM; seconds = float(sys.argv.pop(1)); "
-               "DDPM.after_step = lambda self, model, cfg: time.sleep(seconds); "
+               "DDPM.after_step = lambda self, model, cfg, step: time.sleep(seconds); "
                "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
 
 

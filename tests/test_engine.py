@@ -82,8 +82,8 @@ def test_in_process_resume_is_bitwise_exact_and_validation_does_not_perturb(tmp_
         pass
 
     class CrashingMethod(ToyMethod):
-        def after_step(self, model, cfg):
-            super().after_step(model, cfg)
+        def after_step(self, model, cfg, step):
+            super().after_step(model, cfg, step)
             if len(self.calls) == 5:  # inside step 5, after checkpoint-4 was written
                 raise Crash
 

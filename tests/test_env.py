@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from customize import cli, env
-from customize.formats.lora import LoraLayer, LoraState, load_lora_files, save_lora
+from customize.formats.lora import LoraLayer, LoraState, load_lora_files, lora_state_from_model, save_lora
 from customize.methods import lora
 from customize.models import tiny_pipeline
 
@@ -82,8 +82,8 @@ def test_text_encoder_lora_is_injected_without_the_transformers_gate(monkeypatch
         module = getattr(pipe, name)
         assert lora.ADAPTER in module.peft_config
         assert any(".lora_A." in n for n, _ in module.named_parameters())
-    state = lora.lora_state(pipe, cfg)
-    assert any(".q_proj.lora_A" in k for k in state["text_encoder_lora_layers"])
+    state = lora_state_from_model(lora.adapted_modules(pipe, cfg))
+    assert any(k.startswith("text_encoder.") and k.endswith(".q_proj") for k in state.layers)
     assert len(params) == sum(p.requires_grad for m in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
                               for p in m.parameters())
 

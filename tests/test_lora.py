@@ -153,6 +153,103 @@ def test_trained_lora_loads_in_plain_diffusers_with_the_same_image(tmp_path, kin
     assert np.abs(_image(fresh) - loaded_image).max() <= 1e-4
 
 
+FAMILY_KEYS = {"sd": ("sd1", "sd_v1"), "sdxl": ("sdxl", "sdxl_base_v1-0")}  # kind -> (family, kohya's version name)
+
+
+@pytest.mark.parametrize("kind,fmt", [("sd", "diffusers"), ("sd", "kohya"), ("sdxl", "diffusers"), ("sdxl", "kohya"),
+                                      ("sdxl", "peft")])
+def test_every_lora_format_from_training_loads_in_plain_diffusers_with_its_metadata(tmp_path, kind, fmt, monkeypatch,
+                                                                                   capsys):
+    """--lora_format: the run's file goes through customize.formats' writer (diffusers' save_lora_weights is never
+    called), loads with load_lora_weights (diffusers' kohya loader for kohya) to the in-memory image, and says in its
+    metadata what it is: each module's alpha, the base family, the trigger words and the run's settings."""
+    import json
+
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    from customize.formats import LoraTraining, convert_lora, detect_lora_family, read_lora
+
+    def refused(*args, **kwargs):
+        raise AssertionError("diffusers' save_lora_weights was called: every LoRA goes through customize.formats")
+
+    for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline):
+        monkeypatch.setattr(cls, "save_lora_weights", refused)
+    cfg = parse_config(lora.LoRAConfig, _args(tmp_path, kind, "--train_text_encoder", "--lora_format", fmt,
+                                              "--max_train_steps", "2"))
+    pipe = load_pipeline(cfg.pretrained_model_name_or_path)
+    base_image = _image(pipe)
+    train(lora, pipe, lora.build_dataset(pipe, cfg), cfg)
+    trained_image = _image(pipe)
+    assert np.abs(trained_image - base_image).max() > 1e-3, "training did not move the LoRA"
+
+    out = tmp_path / "out"
+    name = "out.safetensors" if fmt == "kohya" else lora.LORA_WEIGHT_NAME  # kohya: named after the output folder
+    assert [p.name for p in out.glob("*.safetensors")] == [name]
+    assert f"`{name}` ({fmt} format)" in (out / "README.md").read_text()
+    fresh = load_pipeline(MODELS[kind])
+    fresh.load_lora_weights(str(out), weight_name=name)
+    assert np.abs(_image(fresh) - trained_image).max() <= 1e-4
+
+    state = read_lora(out / name)
+    assert state.format == fmt and {layer.alpha for layer in state.layers.values()} == {8.0}
+    assert {key.split(".")[0] for key in state.layers} == {"unet", "text_encoder"} | ({"text_encoder_2"} if kind == "sdxl" else set())
+    with safe_open(str(out / name), "pt") as f:
+        meta, keys = f.metadata(), set(f.keys())
+    family, kohya_version = FAMILY_KEYS[kind]
+    if fmt == "kohya":
+        assert sum(k.endswith(".alpha") for k in keys) == len(state.layers)  # alpha per module
+        assert meta["ss_base_model_version"] == kohya_version and meta["ss_network_alpha"] == "8"
+        assert meta["modelspec.trigger_phrase"] == "a photo of sks dog" and meta["ss_sd_model_name"] == MODELS[kind]
+        assert (meta["ss_learning_rate"], meta["ss_max_train_steps"], meta["ss_resolution"]) == ("0.03", "2", "(32, 32)")
+    else:
+        adapter = json.loads(meta["lora_adapter_metadata"])  # alpha, as load_lora_weights reads it
+        assert adapter["unet.lora_alpha"] == 8 and adapter["text_encoder.lora_alpha"] == 8
+        assert meta["customize.base_family"] == family and meta["customize.base_model"] == MODELS[kind]
+        assert json.loads(meta["customize.trigger_words"]) == ["a photo of sks dog"]
+        settings = json.loads(meta["customize.training"])
+        assert (settings["learning_rate"], settings["max_train_steps"], settings["rank"]) == (0.03, 2, 4)
+    assert detect_lora_family(state) == family  # the tiny models' widths alone do not tell
+    info = _inspect(out, capsys)  # `customize inspect <output folder>`, whatever the file's name
+    assert (info["format"], info["family"]) == (fmt, family)
+    assert "a photo of sks dog" in (info["metadata"].get("modelspec.trigger_phrase") or info["metadata"]["customize.trigger_words"])
+    # a conversion keeps what the file says about the run
+    other = convert_lora(out / name, tmp_path / "converted", "diffusers" if fmt == "kohya" else "kohya", family=family)
+    kept = LoraTraining.from_metadata(read_lora(other).metadata)
+    assert kept.trigger_words == ("a photo of sks dog",) and kept.base_model == MODELS[kind]
+    assert kept.settings.get("learning_rate", 0.03) == 0.03
+
+
+def _inspect(path, capsys) -> dict:
+    import json
+
+    from customize.cli import main
+
+    capsys.readouterr()
+    assert main(["inspect", str(path), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_nothing_in_customize_calls_diffusers_lora_writer():
+    """Every LoRA file the toolkit writes goes through customize.formats.save_lora (one writer, one metadata)."""
+    import ast
+
+    calls = []
+    for path in (ROOT / "customize").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr in ("save_lora_weights", "write_lora_layers"):
+                calls.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not calls, calls
+
+
+def test_lora_format_option():
+    assert lora.LoRAConfig().lora_format == "diffusers" and "lora_format" in lora.LoRAConfig.RESUME_FREE
+    with pytest.raises(ValueError, match="lora_format must be one of diffusers, peft, kohya, got 'a1111'"):
+        lora.LoRAConfig(lora_format="a1111")
+    cfg = lora.LoRAConfig(lora_format="kohya", output_dir="outputs/sks-dog")
+    assert cfg.lora_file_name() == "sks-dog.safetensors" and "<lora:sks-dog:1>" in lora.model_card(cfg)
+
+
 def test_lora_of_another_family_is_refused(tmp_path):
     pipe = tiny_pipeline("sd")
     cfg = lora.LoRAConfig(pretrained_model_name_or_path="tiny-sd", train_text_encoder=True)

@@ -2,6 +2,7 @@
 pipeline, the embedding stop after train_text_encoder_ti_frac (also across a resume), prompts and errors."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,31 @@ def test_recipe_lora_and_embedding_load_in_a_fresh_pipeline_with_same_image(kind
     assert np.abs(in_memory - render(tiny_pipeline(kind), "a photo of dog")).max() > 1e-3
 
 
+def test_kohya_lora_beside_the_embeddings_keeps_its_own_name_and_the_new_word_as_trigger(tmp_path):
+    """--lora_format kohya: the LoRA part goes through customize.formats' writer like LoRA's; an output folder named
+    like the single-file embedding (s0) does not let one file replace the other; the trigger is the new word."""
+    from safetensors import safe_open
+
+    from customize.formats import read_lora
+
+    cfg = config(tmp_path, output_dir=str(tmp_path / "s0"), lora_format="kohya", max_train_steps=2,
+                 checkpointing_steps=0, train_text_encoder_ti_frac=1.0)
+    pipe, _ = run(cfg)
+    out = tmp_path / "s0"
+    assert {p.name for p in out.glob("*.safetensors")} == {"s0_lora.safetensors", "s0.safetensors", "learned_embeds.safetensors"}
+    assert read_lora(out / "s0_lora.safetensors").format == "kohya"
+    assert 'weight_name="s0_lora.safetensors"' in (out / "README.md").read_text()
+    with safe_open(str(out / "s0_lora.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["modelspec.trigger_phrase"] == "<s0>" and meta["ss_placeholder_token"] == "<s0>"
+    assert meta["ss_base_model_version"] == "sd_v1"
+    prompt = "a photo of <s0> dog"
+    fresh = tiny_pipeline("sd")
+    fresh.load_lora_weights(str(out), weight_name="s0_lora.safetensors")
+    fresh.load_textual_inversion(str(out), token="<s0>")
+    assert np.abs(render(pipe, prompt) - render(fresh, prompt)).max() <= 1e-4
+
+
 def test_embeddings_stop_after_the_fraction_and_lora_goes_on(tmp_path):
     cfg = config(tmp_path, train_text_encoder_ti_frac=0.5, adam_weight_decay=0.5)
     assert cfg.embedding_steps == 2
@@ -127,6 +153,19 @@ def test_resume_after_the_stop_matches_an_uninterrupted_run(tmp_path):
     again = checkpoint_tensors(Path(cfg.output_dir), 4)
     assert torch.equal(final[0], again[0])
     assert all(torch.equal(final[1][k], again[1][k]) for k in final[1])
+
+
+def test_the_step_count_is_method_state_kept_with_the_checkpoints(tmp_path):
+    """The engine saves PivotalTuning's step count in each checkpoint and hands it back on resume (the method reads
+    no checkpoint itself)."""
+    cfg = config(tmp_path, max_train_steps=2)
+    run(cfg)
+    for step in (1, 2):
+        saved = json.loads((Path(cfg.output_dir) / f"checkpoint-{step}" / "method_state.json").read_text())
+        assert saved == {"state": {"step": step}, "tensors": []}
+    method = PivotalTuning()
+    method.load_state_dict({"step": 7})
+    assert method.step == 7 and method.state_dict() == {"step": 7}
 
 
 def test_param_groups_use_text_encoder_lr(tmp_path):

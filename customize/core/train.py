@@ -5,8 +5,9 @@
 
 Both take any denoiser called as `unet(x_t, t[, class_labels])` that returns a tensor or an object with
 `.sample` (diffusers' UNet2DModel), and any scheduler with the diffusers surface (ours or diffusers'). The
-objective itself is the toolkit's one denoising loss (`customize.training.losses`), so min-SNR weighting and the
-prediction targets are defined once for every method.
+objective itself is the toolkit's one denoising loss (`customize.core.losses`, which the training engine's methods
+use too), so min-SNR weighting and the prediction targets are defined once for every method, and the core trains
+without importing the engine or diffusers.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Callable
 import torch
 
 from customize.core.ddpm import randn_like_diffusers
+from customize.core.losses import diffusion_loss
 
 # callback(step_index, timestep, x_t after the step, x0_hat) -> None
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
@@ -35,8 +37,6 @@ def ddpm_loss(unet, scheduler, x0: torch.Tensor, class_labels: torch.Tensor | No
     loss = || target - f_theta(x_t, t[, y]) ||^2 averaged over the batch, where the target is eps, v or x0 by
     `scheduler.config.prediction_type`, optionally weighted by min-SNR-gamma (Hang et al. 2023).
     Returns {"loss": scalar}. `noise` / `timesteps` fix the draws (tests)."""
-    from customize.training.losses import diffusion_loss
-
     return diffusion_loss(
         scheduler, x0, lambda x_t, t: denoise(unet, x_t, t, class_labels),
         noise=noise, timesteps=timesteps, snr_gamma=snr_gamma, generator=generator,

@@ -10,27 +10,22 @@ from customize.formats.embeddings import (
     read_embedding,
     save_embedding,
 )
-from customize.formats.lora import (
+from customize.formats.kohya_names import UNetLayout
+from customize.formats.lora_detect import detect_lora_family, detect_lora_format
+from customize.formats.lora_load import (
     LoraCompatibilityError,
-    LoraInfo,
-    LoraLayer,
-    LoraState,
-    UNetLayout,
     check_lora_compatible,
-    convert_lora,
-    detect_lora_family,
-    detect_lora_format,
-    inspect_lora,
     load_lora_files,
     lora_state_from_model,
-    read_lora,
-    save_lora,
 )
+from customize.formats.lora_read import LoraInfo, inspect_lora, read_lora
+from customize.formats.lora_state import LoraLayer, LoraState
+from customize.formats.lora_write import LoraTraining, convert_lora, save_lora
 
 __all__ = [
     "FAMILY_NAMES", "FormatError", "describe_family", "read_tensor_file",
     "Embedding", "load_embedding_into", "placeholder_tokens", "read_embedding", "save_embedding",
     "LoraCompatibilityError", "LoraInfo", "LoraLayer", "LoraState", "UNetLayout", "check_lora_compatible",
     "convert_lora", "detect_lora_family", "detect_lora_format", "inspect_lora", "load_lora_files",
-    "lora_state_from_model", "read_lora", "save_lora",
+    "lora_state_from_model", "read_lora", "save_lora", "LoraTraining",
 ]

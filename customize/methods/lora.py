@@ -2,9 +2,10 @@
 
 Each adapted linear layer W (out x in) becomes W + (alpha / r) B A with A (r x in) random and B (out x r) zero,
 so the adapted model equals the base model at step 0; only A and B train. The layers are peft's, injected with
-diffusers' `add_adapter` hook (UNet) or peft's `inject_adapter_in_model` (text encoders); the file is written by the pipeline class's
-`save_lora_weights` in the diffusers key layout, with the peft config (rank, alpha, targets) in the safetensors
-metadata so `pipe.load_lora_weights(dir)` rebuilds the same scale alpha / r.
+diffusers' `add_adapter` hook (UNet) or peft's `inject_adapter_in_model` (text encoders); the file is written by the
+toolkit's one LoRA writer, `customize.formats.save_lora`, in the format `lora_format` names (diffusers, peft or
+kohya), with each module's alpha, the base family, the trigger words and the run's settings in its metadata, so
+`pipe.load_lora_weights(dir)` (and A1111 / ComfyUI, for kohya) rebuilds the same scale alpha / r.
 
 Training data and loss are DreamBooth's (instance prompt, optional prior preservation, or per-image captions for
 a style LoRA); what differs is which weights train, their precision (`prepare`) and the file (`save`).
@@ -14,14 +15,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
-from customize.formats.lora import LORA_WEIGHT_NAME
+from customize.formats.lora_state import FORMATS, LORA_WEIGHT_NAME
 from customize.methods import dreambooth
 from customize.methods.dreambooth import DreamBoothConfig, build_dataset, collate, loss, validate  # noqa: F401  (shared hooks)
 from customize.training import sd
-from customize.utils import atomic_path
 
 # Module-name suffixes peft matches (a target matches a module whose qualified name ends with ".<target>").
 UNET_TARGETS = {
@@ -50,11 +51,40 @@ class LoRAConfig(DreamBoothConfig):
                           "'attention+conv' (+ the ResNet blocks' 3x3 convolutions) or 'cross-kv' (the keys and "
                           "values of cross-attention only, as Custom Diffusion)."}
     )
+    lora_format: str = field(
+        default="diffusers",
+        metadata={"help": "File format of the trained LoRA: 'diffusers' or 'peft' (pytorch_lora_weights.safetensors, "
+                          "for pipe.load_lora_weights(folder)) or 'kohya' (<output folder name>.safetensors, to drop "
+                          "into A1111's models/Lora or ComfyUI's models/loras; diffusers loads it too)."}
+    )
     learning_rate: float = 1e-4
     max_train_steps: int = 500
 
+    # The file's format does not change what trains: a resumed run may write another one.
+    RESUME_FREE: ClassVar[frozenset[str]] = DreamBoothConfig.RESUME_FREE | {"lora_format"}
+    # The run settings recorded in the LoRA file's metadata (customize.formats.LoraTraining); no paths.
+    FILE_SETTINGS: ClassVar[tuple[str, ...]] = (
+        "rank", "lora_alpha", "lora_dropout", "lora_target", "train_text_encoder", "learning_rate", "lr_scheduler",
+        "lr_warmup_steps", "max_train_steps", "train_batch_size", "gradient_accumulation_steps", "resolution",
+        "mixed_precision", "seed", "with_prior_preservation", "prior_loss_weight", "snr_gamma", "noise_offset",
+        "use_captions",
+    )
+
+    def lora_file_name(self) -> str:
+        """pytorch_lora_weights.safetensors (what load_lora_weights(folder) looks for) for diffusers / peft; for
+        kohya the output folder's name, which A1111 and ComfyUI show as the LoRA's name (<lora:NAME:1>)."""
+        if self.lora_format != "kohya":
+            return LORA_WEIGHT_NAME
+        return f"{Path(self.output_dir).resolve().name or 'lora'}.safetensors"
+
+    def trigger_words(self) -> tuple[str, ...]:
+        """What calls the LoRA up in a prompt: the instance prompt (none for per-image captions)."""
+        return () if self.use_captions else (self.instance_prompt,)
+
     def __post_init__(self):
         super().__post_init__()
+        if self.lora_format not in FORMATS:
+            raise ValueError(f"lora_format must be one of {', '.join(FORMATS)}, got {self.lora_format!r}")
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
         if self.lora_alpha is not None and not self.lora_alpha > 0:
@@ -137,26 +167,35 @@ def prepare(pipe, dataset, cfg: LoRAConfig, accelerator):
     return dataset
 
 
-def lora_state(pipe, cfg: LoRAConfig) -> dict:
-    """The keyword arguments of `<PipelineClass>.save_lora_weights`: per component the LoRA tensors in peft
-    layout (`<module>.lora_A.weight` / `.lora_B.weight`) and the peft config as metadata (rank, alpha, targets).
+def lora_training(cfg: LoRAConfig):
+    """What the file records about the run: base model (a local folder by its name only), trigger words, the
+    FILE_SETTINGS (lora_alpha as used: the rank when unset), and the output folder's name as its title."""
+    from customize.formats.lora_write import LoraTraining
 
-    Not diffusers' older `lora.down` layout: `convert_state_dict_to_diffusers` renames only the attention and
-    text-encoder projections, so a file with ResNet convolutions too ('attention+conv') would mix both layouts,
-    and `load_lora_weights` decides the layout from the first key alone and silently drops the other half."""
-    from peft.utils import get_peft_model_state_dict
+    base = cfg.pretrained_model_name_or_path
+    if base and Path(base).exists():
+        base = Path(base).resolve().name
+    settings = {name: getattr(cfg, name) for name in cfg.FILE_SETTINGS if hasattr(cfg, name)}
+    settings["lora_alpha"] = alpha(cfg)
+    if not cfg.with_prior_preservation:
+        settings.pop("prior_loss_weight", None)
+    return LoraTraining(base_model=base, trigger_words=tuple(cfg.trigger_words()), settings=settings,
+                        title=Path(cfg.output_dir).resolve().name or None)
 
-    kwargs = {}
-    for name, module in adapted_modules(pipe, cfg).items():
-        kwargs[f"{name}_lora_layers"] = get_peft_model_state_dict(module, adapter_name=ADAPTER)
-        kwargs[f"{name}_lora_adapter_metadata"] = module.peft_config[ADAPTER].to_dict()
-    return kwargs
 
+def save(pipe, cfg: LoRAConfig, out_dir) -> Path:
+    """Write the trained adapters through customize.formats' writer (atomically) as `cfg.lora_file_name()` in
+    `cfg.lora_format`: the peft layers read back as a LoraState (alpha per module), the family from the model."""
+    from customize.formats.kohya_names import UNetLayout
+    from customize.formats.lora_load import lora_state_from_model
+    from customize.formats.lora_write import save_lora
+    from customize.models import detect_family
 
-def save(pipe, cfg: LoRAConfig, out_dir):
-    """Write `pytorch_lora_weights.safetensors` with diffusers' writer, through a temporary file and a rename."""
-    with atomic_path(Path(out_dir) / LORA_WEIGHT_NAME) as tmp:
-        type(pipe).save_lora_weights(tmp.parent, weight_name=tmp.name, safe_serialization=True, **lora_state(pipe, cfg))
+    state = lora_state_from_model(adapted_modules(pipe, cfg), adapter_name=ADAPTER)
+    family = detect_family(pipe)
+    layout = UNetLayout.from_config(pipe.unet.config) if cfg.lora_format == "kohya" and family == "sdxl" else None
+    return save_lora(state, Path(out_dir) / cfg.lora_file_name(), cfg.lora_format, family=family, layout=layout,
+                     training=lora_training(cfg))
 
 
 def model_card(cfg: LoRAConfig) -> str:
@@ -164,5 +203,14 @@ def model_card(cfg: LoRAConfig) -> str:
     return dreambooth.model_card(
         cfg, kind="LoRA",
         extra={"rank / alpha": f"{cfg.rank} / {alpha(cfg):g}", "adapted layers": ", ".join(targets),
-               "load with": "`pipe.load_lora_weights(<this folder>)`"},
+               "file": f"`{cfg.lora_file_name()}` ({cfg.lora_format} format)", "load with": load_hint(cfg)},
     )
+
+
+def load_hint(cfg: LoRAConfig, folder: str = "<this folder>") -> str:
+    """How to load the file, for the model card."""
+    if cfg.lora_format != "kohya":
+        return f"`pipe.load_lora_weights({folder})`"
+    name = cfg.lora_file_name()
+    return (f"A1111 / ComfyUI: copy `{name}` into `models/Lora` / `models/loras` and write `<lora:{Path(name).stem}:1>`; "
+            f"diffusers: `pipe.load_lora_weights({folder}, weight_name=\"{name}\")`")

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
 
 from torch.utils.data import Dataset
 
 from customize.data import PairedDataset
+from customize.formats.embeddings import EMBEDDING_WEIGHT_NAME, EMBEDDING_WEIGHT_NAME_2
 from customize.methods import lora
 from customize.methods import textual_inversion as ti
-from customize.training import checkpoint as ckpt
 from customize.training.config import check_learning_rate
 
 
@@ -79,6 +81,21 @@ class PivotalConfig(lora.LoRAConfig):
         """Optimizer steps during which the embeddings train (at least one)."""
         return max(1, int(self.train_text_encoder_ti_frac * self.max_train_steps))
 
+    FILE_SETTINGS: ClassVar[tuple[str, ...]] = lora.LoRAConfig.FILE_SETTINGS + (
+        "text_encoder_lr", "train_text_encoder_ti", "token_abstraction", "placeholder_token",
+        "num_new_tokens_per_abstraction", "train_text_encoder_ti_frac",
+    )
+
+    def lora_file_name(self) -> str:
+        """LoRA's, unless a kohya file would take the name of an embedding file written beside it."""
+        name = super().lora_file_name()
+        embeddings = {EMBEDDING_WEIGHT_NAME, EMBEDDING_WEIGHT_NAME_2, f"{ti.single_file_name(self.placeholder_token)}.safetensors"}
+        return f"{Path(name).stem}_lora.safetensors" if name in embeddings else name
+
+    def trigger_words(self) -> tuple[str, ...]:
+        """The new word, as prompts write it (the pipeline expands it to its vectors); without it, LoRA's."""
+        return (self.placeholder_token,) if self.train_text_encoder_ti else super().trigger_words()
+
 
 class AbstractionPrompts(Dataset):
     """The training set with `token_abstraction` replaced by S* in every prompt (instance and class parts)."""
@@ -109,7 +126,9 @@ class PivotalTuning:
 
     def __init__(self):
         self.tokens: ti.PlaceholderTokens | None = None
-        self.step = 0  # optimizer steps done, to stop the embeddings after `embedding_steps`
+        # Optimizer steps done (the engine's global step), to stop the embeddings after `embedding_steps`; kept
+        # with the checkpoints (state_dict), so a resumed run knows whether they had stopped.
+        self.step = 0
 
     def trainable_parameters(self, pipe, cfg: PivotalConfig):
         """LoRA's matrices (UNet at learning_rate; text encoders at text_encoder_lr) and the embedding matrices
@@ -132,9 +151,6 @@ class PivotalTuning:
         if cfg.use_captions and not any(ti.contains_word(p, cfg.token_abstraction) for p in _instance_prompts(dataset)):
             raise ValueError(f"no caption contains the token abstraction {cfg.token_abstraction!r}: put it in the "
                              "captions where the subject is named (e.g. 'a photo of TOK on a beach')")
-        # A resumed run must know whether the embeddings had already stopped when its checkpoint was written.
-        resume = ckpt.resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
-        self.step = ckpt.checkpoint_step(resume) if resume is not None else 0
         if cfg.cache_latents:
             # Only the images: the prompts go through the text encoders every step, since S* is trained.
             if isinstance(dataset, PairedDataset):
@@ -153,10 +169,17 @@ class PivotalTuning:
             self.tokens.freeze()
         return lora.loss(pipe, batch, cfg)
 
-    def after_step(self, pipe, cfg: PivotalConfig) -> None:
-        self.step += 1
+    def after_step(self, pipe, cfg: PivotalConfig, step: int) -> None:
+        self.step = step
         if self.tokens is not None:
             self.tokens.restore_frozen_rows()
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        """A resumed run: the checkpoint's step count decides whether the embeddings had already stopped."""
+        self.step = int(state["step"])
 
     def validate(self, pipe, cfg: PivotalConfig, step: int):
         if cfg.validation_prompt and cfg.train_text_encoder_ti:
@@ -175,11 +198,12 @@ class PivotalTuning:
         card = lora.model_card(cfg)
         if not cfg.train_text_encoder_ti:
             return card
+        weight_name = f", weight_name=\"{cfg.lora_file_name()}\"" if cfg.lora_format == "kohya" else ""
         return card + (
             f"\n## Pivotal tuning\n\nThe subject is the new word `{cfg.placeholder_token}` "
             f"({cfg.num_new_tokens_per_abstraction} vectors; it replaced `{cfg.token_abstraction}` in the training "
             f"prompts, and trained for {cfg.embedding_steps} of {cfg.max_train_steps} steps). Load both files:\n\n"
-            "```python\npipe.load_lora_weights(folder)\n"
+            f"```python\npipe.load_lora_weights(folder{weight_name})\n"
             f"pipe.load_textual_inversion(folder, token=\"{cfg.placeholder_token}\")\n"
             "# SDXL, second encoder:\n"
             f"pipe.load_textual_inversion(folder, weight_name=\"learned_embeds_2.safetensors\", token=\"{cfg.placeholder_token}\",\n"

@@ -399,7 +399,7 @@ class TextualInversion:
         """Eq. 2 for one batch: the text encoders run with gradients (S* is inside them), the rest is frozen."""
         return sd.batch_loss(pipe, batch, cfg)
 
-    def after_step(self, pipe, cfg: TextualInversionConfig) -> None:
+    def after_step(self, pipe, cfg: TextualInversionConfig, step: int) -> None:
         self._require_tokens().restore_frozen_rows()
 
     def validate(self, pipe, cfg: TextualInversionConfig, step: int):

@@ -6,6 +6,8 @@ file per process; all read back with `torch.load(weights_only=True)`), plus ours
     ema.safetensors         the EMA shadows (only with use_ema)
     trainer_state.json      step counter, loss history, EMA update count, the batch geometry of the run and
                             its settings (`run_settings`: every config field that changes what is trained)
+    method_state.json       the method's own state (only for a method with state_dict / load_state_dict, see
+    method_state.safetensors  customize.training.method): its JSON values, and its tensors when it has any
 Everything is first written to `.checkpoint-<step>.tmp` and renamed when complete, so a run killed mid-save
 leaves a hidden temp folder that `list_checkpoints` ignores (and the next run removes), never a half checkpoint.
 
@@ -31,6 +33,7 @@ import torch
 from safetensors.torch import load_file
 
 from customize.errors import TrainingError
+from customize.training.method import METHOD_STATE_FILE, METHOD_TENSORS_FILE
 from customize.utils import atomic_path, recover_dir, save_safetensors_atomic
 
 logger = logging.getLogger(__name__)
@@ -151,10 +154,31 @@ def prune(output_dir: str | os.PathLike, total_limit: int | None, keep: Path | N
     return doomed
 
 
+def split_method_state(method_state: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A method's `state_dict()` answer as (JSON values, tensors on the CPU); a value that is neither is refused
+    naming its key."""
+    if not isinstance(method_state, dict) or not all(isinstance(k, str) for k in method_state):
+        raise TypeError(f"a method's state_dict() must return a dict with str keys, got {type(method_state).__name__}")
+    values, tensors = {}, {}
+    for key, value in method_state.items():
+        if torch.is_tensor(value):
+            tensors[key] = value.detach().cpu().contiguous().clone()
+            continue
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"a method's state_dict() entry {key!r} is neither a tensor nor JSON ({e}): return "
+                            "numbers, strings, lists and dicts of them, or tensors at the top level") from None
+        values[key] = value
+    return values, tensors
+
+
 def save_checkpoint(accelerator, output_dir, step: int, trainable: dict, ema: dict | None, state: dict,
-                    total_limit: int | None) -> Path:
+                    total_limit: int | None, method_state: dict | None = None) -> Path:
     """Collective: every process calls it (each writes its own RNG state); the main process writes the rest
-    and publishes the folder with one rename."""
+    and publishes the folder with one rename. `method_state` (the method's state_dict(), None for a method
+    without state) is written as method_state.json (+ method_state.safetensors for its tensors)."""
+    method_files = split_method_state(method_state) if method_state is not None else None
     output_dir = Path(output_dir)
     final = output_dir / f"{PREFIX}{step}"
     tmp = output_dir / f".{PREFIX}{step}.tmp"
@@ -167,6 +191,12 @@ def save_checkpoint(accelerator, output_dir, step: int, trainable: dict, ema: di
         save_safetensors_atomic(trainable, tmp / TRAINABLE_FILE)
         if ema is not None:
             save_safetensors_atomic(ema, tmp / EMA_FILE)
+        if method_files is not None:
+            values, tensors = method_files
+            if tensors:
+                save_safetensors_atomic(tensors, tmp / METHOD_TENSORS_FILE)
+            with atomic_path(tmp / METHOD_STATE_FILE) as f:
+                f.write_text(json.dumps({"state": values, "tensors": sorted(tensors)}, indent=1))
         with atomic_path(tmp / STATE_FILE) as f:
             f.write_text(json.dumps(state, indent=1))
     accelerator.wait_for_everyone()
@@ -238,6 +268,33 @@ def load_checkpoint(accelerator, path: str | os.PathLike, use_ema: bool = False,
         raise TrainingError(f"{path}: the optimizer / schedule state cannot be restored ({type(e).__name__}: "
                             f"{e}); resume with the settings that wrote it, {_elsewhere(path)}") from e
     return trainable, ema, state
+
+
+def _read_method_file(file: Path) -> dict:
+    try:
+        saved = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise _damaged(file, f"cannot be read as JSON ({e})") from None
+    if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict) and isinstance(saved.get("tensors"), list)):
+        raise _damaged(file, "holds no method state (state, tensors)")
+    if saved["tensors"] and not (file.parent / METHOD_TENSORS_FILE).is_file():
+        raise _damaged(file.parent / METHOD_TENSORS_FILE, "is missing")
+    return saved
+
+
+def load_method_state(path: str | os.PathLike) -> dict | None:
+    """The method state saved in checkpoint `path` (what the method's state_dict() returned, tensors on the
+    CPU), or None when the checkpoint holds none."""
+    path = Path(path)
+    file = path / METHOD_STATE_FILE
+    if not file.is_file():
+        return None
+    saved = _read_method_file(file)
+    tensors = load_file(str(path / METHOD_TENSORS_FILE), device="cpu") if saved["tensors"] else {}
+    if sorted(tensors) != sorted(saved["tensors"]):
+        raise _damaged(path / METHOD_TENSORS_FILE, f"does not hold the tensors {METHOD_STATE_FILE} lists "
+                                                   f"({sorted(saved['tensors'])})")
+    return {**saved["state"], **tensors}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -333,7 +390,9 @@ def _check_file(file: Path) -> None:
         return
     if stat.st_size == 0:
         raise _damaged(file, "is empty")
-    if file.suffix == ".safetensors":
+    if file.name == METHOD_STATE_FILE:
+        _read_method_file(file)
+    elif file.suffix == ".safetensors":
         from safetensors import safe_open
 
         try:  # the header and the file size must agree: catches a truncated file without reading the tensors

@@ -2,9 +2,11 @@
 
     result = train(method, model, dataset, cfg)
 
-`method` supplies the math through hooks (`trainable_parameters`, `loss`, `save`; optionally `collate`,
-`prepare`, `after_step`, `validate`, `model_card`); this file supplies everything else: devices, the optimizer
-and LR schedule, gradient accumulation and clipping, mixed precision, EMA, checkpoints and exact resume,
+`method` supplies the math through the hooks of the method protocol (customize/training/method.py, which says
+when each is called: `trainable_parameters`, `loss`, `save`; optionally `prepare`, `collate`, `after_step`,
+`validate`, `model_card`, and `state_dict` / `load_state_dict` for state kept with the checkpoints); this file
+supplies everything else: devices, the optimizer and LR schedule, gradient accumulation and clipping, mixed
+precision, EMA, checkpoints and exact resume (the method's state included: no method reads a checkpoint),
 trackers, validation grids and the final save.
 
 Design points (the why):
@@ -37,9 +39,11 @@ import torch
 from torch.utils.data import DataLoader, default_collate
 
 from customize.data.sampling import EpochBatchSampler, SeededDataset, seeded_rng
+from customize.errors import TrainingError
 from customize.training import checkpoint as ckpt
 from customize.training.config import CUDA_GRAPH_MODES, TrainConfig
 from customize.training.ema import EMA
+from customize.training.method import METHOD_STATE_FILE, check_method, method_name
 from customize.training.optim import build_lr_scheduler, build_optimizer, param_groups
 from customize.training.tracking import record_validation, resolve_trackers, tracker_config, write_model_card
 
@@ -220,9 +224,7 @@ def train(method, model, dataset, cfg: TrainConfig) -> TrainResult:
     from accelerate.utils import ProjectConfiguration, send_to_device, set_seed
     from tqdm.auto import tqdm
 
-    for hook in ("trainable_parameters", "loss", "save"):
-        if not callable(getattr(method, hook, None)):
-            raise TypeError(f"the method {method!r} lacks the required hook {hook}(...)")
+    hooks = check_method(method)  # every hook there and callable as the engine calls it, before anything is built
     output_dir = Path(cfg.output_dir)
     # Refuse what the output folder and the resume cannot do before anything is built or written (the recipes call
     # it once more before they load the model).
@@ -245,7 +247,7 @@ def train(method, model, dataset, cfg: TrainConfig) -> TrainResult:
 
     modules = find_modules(model)
     was_training = {name: m.training for name, m in modules.items()}
-    groups = param_groups(method.trainable_parameters(model, cfg), cfg.learning_rate)
+    groups = param_groups(hooks.trainable_parameters(model, cfg), cfg.learning_rate)
     if cfg.scale_lr:
         factor = cfg.gradient_accumulation_steps * cfg.train_batch_size * accelerator.num_processes
         for g in groups:
@@ -272,8 +274,8 @@ def train(method, model, dataset, cfg: TrainConfig) -> TrainResult:
     if cfg.enable_xformers_memory_efficient_attention:
         _enable_xformers(modules)
 
-    if callable(getattr(method, "prepare", None)):
-        prepared = method.prepare(model, dataset, cfg, accelerator)
+    if hooks.prepare is not None:
+        prepared = hooks.prepare(model, dataset, cfg, accelerator)
         dataset = dataset if prepared is None else prepared
     _broadcast_parameters(params, accelerator)
     if cfg.compile:
@@ -290,7 +292,7 @@ def train(method, model, dataset, cfg: TrainConfig) -> TrainResult:
     loader = DataLoader(
         SeededDataset(dataset),
         batch_sampler=sampler,
-        collate_fn=getattr(method, "collate", None) or default_collate,
+        collate_fn=hooks.collate or default_collate,
         num_workers=cfg.dataloader_num_workers,
         # The sampler runs in this process, so workers kept across epochs still see each epoch's new order.
         persistent_workers=cfg.dataloader_num_workers > 0,
@@ -320,6 +322,19 @@ def train(method, model, dataset, cfg: TrainConfig) -> TrainResult:
         if ema is not None:
             ema.load_state_tensors(ema_tensors, names, state["ema_updates"])
         global_step, losses = state["global_step"], list(state["losses"])
+        method_state = ckpt.load_method_state(resume)
+        if hooks.has_state:
+            if method_state is None:
+                raise TrainingError(f"{resume} holds no method state ({METHOD_STATE_FILE}), which this method "
+                                    f"({method_name(method)}) keeps with its checkpoints: it was written by another "
+                                    "method or an older version; resume with what wrote it, or start over with "
+                                    "--overwrite_output_dir")
+            hooks.load_state_dict(method_state)  # draws no random numbers (the protocol): the RNGs are restored
+        elif method_state is not None:
+            raise TrainingError(f"{resume} holds method state ({METHOD_STATE_FILE}) that this method "
+                                f"({method_name(method)}) cannot take back (it has no load_state_dict): it was "
+                                "written by another method; resume with that one, or start over with "
+                                "--overwrite_output_dir")
         geometry = (accelerator.num_processes, cfg.train_batch_size, cfg.gradient_accumulation_steps)
         if tuple(state["geometry"]) != geometry:
             logger.warning("resuming %s with (processes, batch, accumulation) = %s instead of %s: the data order "
@@ -333,13 +348,13 @@ def train(method, model, dataset, cfg: TrainConfig) -> TrainResult:
                          resumed_from=str(resume) if resume is not None else None)
 
     def validate(step: int) -> None:
-        if not callable(getattr(method, "validate", None)):
+        if hooks.validate is None:
             return
         if accelerator.is_main_process:
             for m in trained.values():
                 m.eval()
             with seeded_rng(cuda=True), torch.no_grad(), (ema.swapped_in() if ema else contextlib.nullcontext()):
-                images = method.validate(model, cfg, step)
+                images = hooks.validate(model, cfg, step)
             for m in trained.values():
                 m.train()
             if images:
@@ -380,13 +395,13 @@ def train(method, model, dataset, cfg: TrainConfig) -> TrainResult:
             trainable={n: p.detach() for n, p in zip(names, params)},
             ema=ema.state_tensors(names) if ema else None,
             state=state, total_limit=cfg.checkpoints_total_limit,
+            method_state=hooks.state_dict() if hooks.has_state else None,
         )
         result.checkpoints.append(str(path))
 
     ga = cfg.gradient_accumulation_steps
     micro = global_step * ga
     epoch, skip = divmod(micro, sampler.batches_per_epoch)
-    after_step = getattr(method, "after_step", None)
     progress = tqdm(total=cfg.max_train_steps, initial=global_step, desc="steps",
                     disable=not (cfg.progress and accelerator.is_local_main_process))
     window_loss = torch.zeros((), device=device)
@@ -420,7 +435,7 @@ def train(method, model, dataset, cfg: TrainConfig) -> TrainResult:
                 # A new step of the recorded CUDA graphs: the previous step's outputs may be overwritten from here.
                 torch.compiler.cudagraph_mark_step_begin()
             with accelerator.autocast():
-                loss, extras = _split_loss(method.loss(model, batch, cfg))
+                loss, extras = _split_loss(hooks.loss(model, batch, cfg))
             # Each micro-batch loss is a mean over its examples; dividing by the accumulation count makes the
             # summed gradient that of the mean over the whole accumulated batch.
             accelerator.backward(loss / ga)
@@ -437,11 +452,11 @@ def train(method, model, dataset, cfg: TrainConfig) -> TrainResult:
             if not optimizer.step_was_skipped:
                 lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            if callable(after_step):
-                after_step(model, cfg)
+            global_step += 1
+            if hooks.after_step is not None:
+                hooks.after_step(model, cfg, global_step)
             if ema is not None:
                 ema.step()
-            global_step += 1
 
             # Kept on the device; read back every logging_steps so a GPU step need not wait for the host.
             pending.append((global_step, accelerator.reduce(window_loss / ga, reduction="mean"),
@@ -470,9 +485,10 @@ def train(method, model, dataset, cfg: TrainConfig) -> TrainResult:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         with ema.swapped_in() if ema else contextlib.nullcontext():
-            method.save(model, cfg, str(output_dir))
-        if callable(getattr(method, "model_card", None)):
-            write_model_card(method.model_card(cfg), output_dir)
+            hooks.save(model, cfg, str(output_dir))
+        card = hooks.model_card(cfg) if hooks.model_card is not None else None
+        if card is not None:
+            write_model_card(card, output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     for name, m in modules.items():

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from customize.models import is_sdxl, vae_scale_factor
-from customize.training.losses import diffusion_loss
+from customize.core.losses import diffusion_loss
 
 
 def first_parameter(module: torch.nn.Module) -> torch.Tensor:
