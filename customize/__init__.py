@@ -24,6 +24,7 @@ _API = {
     "read_lora": "customize.formats.lora_read",
     "save_lora": "customize.formats.lora_write",
     "convert_lora": "customize.formats.lora_write",
+    "merge_loras": "customize.formats.lora_merge",
     "inspect_lora": "customize.formats.lora_read",
     "check_lora_compatible": "customize.formats.lora_load",
     "load_lora_files": "customize.formats.lora_load",

@@ -29,6 +29,7 @@ examples:
   customize generate -m tiny-sd --prompt "a red circle" --steps 4        (a tiny in-memory model, no download)
   customize inspect my_lora.safetensors                                  (format, family, rank, alpha, metadata)
   customize convert pytorch_lora_weights.safetensors my_lora.safetensors --to kohya
+  customize merge dog.safetensors style.safetensors:0.7 --method ties --rank 16 -o dog_style.safetensors
   customize demo                                                         (the toy-world demo)
   customize env                                                          (versions and GPU, for a bug report)
 
@@ -78,6 +79,35 @@ examples:
   customize convert out/dog-lora/pytorch_lora_weights.safetensors dog_kohya.safetensors --to kohya
   customize convert some_civitai_lora.safetensors out/diffusers-lora/ --to diffusers
   customize convert lora.safetensors lora_kohya.safetensors --to kohya --model ./my-sdxl-model
+"""
+
+MERGE_HELP = """\
+Merge LoRA files without training (docs/methods.md, 'Merging LoRAs', has the math) into one LoRA file.
+Each input is FILE[:WEIGHT]; the weight multiplies that LoRA's update dW = (alpha / rank) * up @ down
+(default 1; --method linear: 1/n). LoRAs adapting different modules merge over the union; LoRAs for different
+base families are refused.
+
+  concat  the exact weighted sum, ranks add (the file is as if every LoRA were loaded at its weight)
+  linear  concat with default weights 1/n (the average)
+  svd     the weighted sum re-ranked by SVD to --rank R, or to the least rank keeping --energy E of it
+          (default: the largest source rank of each module); prints the energy kept
+  ties    TIES: keep each update's top --density fraction by magnitude, elect a sign per entry, average the
+          agreeing entries; then SVD as svd
+  dare    DARE: drop each entry with probability --drop (rescaling the rest by 1/(1-drop)), seeded by --seed;
+          then SVD as svd
+
+--blocks SPEC weights UNet blocks: a preset (ALL, NONE, BASE, UNET, INS, MIDD, OUTS, BLORA_CONTENT, BLORA_STYLE,
+BLORA), an A1111 LoRA Block Weight list (17 or 26 numbers for SD 1.x / 2.x, 12 or 20 for SDXL) or BLOCK=WEIGHT
+pairs (BLOCK: BASE, IN04, MID, OUT03, unet, text_encoder, or a diffusers path such as down_blocks.1 or
+up_blocks.0.attentions.1; '*' sets the rest). Once: for every LoRA; repeated: one per LoRA, in order.
+
+examples:
+  customize merge dog.safetensors style.safetensors -o both.safetensors                  (exact sum, ranks add)
+  customize merge a.safetensors:0.5 b.safetensors:0.5 --method svd --rank 32 -o ab.safetensors
+  customize merge a.safetensors b.safetensors --method ties --density 0.3 --energy 0.95 -o ab.safetensors
+  customize merge a.safetensors b.safetensors --method dare --drop 0.7 --seed 1 --format kohya -o ab.safetensors
+  customize merge content.safetensors style.safetensors --blocks BLORA_CONTENT --blocks BLORA_STYLE \\
+      -o b-lora.safetensors                                                  (B-LoRA, SDXL)
 """
 
 DEMO_HELP = """\
@@ -447,6 +477,54 @@ def cmd_convert(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# merge
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def cmd_merge(args) -> int:
+    from customize.formats import FormatError, describe_family, inspect_lora, merge_loras, save_lora
+    from customize.formats.lora_read import _weights_file
+    from customize.formats.lora_state import LORA_WEIGHT_NAME
+    from customize.formats.lora_write import _output_file
+
+    specs = _split_weights(args.loras)
+    sources = [_weights_file(path) for path, _ in specs]
+    out = _output_file(Path(args.output), LORA_WEIGHT_NAME)
+    for src in sources:
+        if out.resolve() == src.resolve() or (out.exists() and os.path.samefile(out, src)):
+            raise FormatError(f"{out} is an input file: a merge never writes over what it reads; give another "
+                              "output path")
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already exists: pass --overwrite to replace it, or give another output path")
+    if args.rank is not None and args.rank <= 0:
+        raise ValueError(f"--rank {args.rank}: must be a positive whole number")
+    blocks = args.blocks
+    if blocks is not None and len(blocks) == 1:
+        blocks = blocks[0]
+    # no weight written anywhere: the method's default weights (linear: 1/n); else 1 where none is written
+    weights = None if all(w is None for _, w in specs) else [1.0 if w is None else w for _, w in specs]
+    merged, report = merge_loras(
+        [str(s) for s in sources], weights=weights, method=args.method, rank=args.rank, energy=args.energy,
+        density=args.density, drop=args.drop, seed=args.seed, blocks=blocks, names=[p for p, _ in specs],
+    )
+    family = args.family or merged.metadata.get("customize.base_family")
+    if args.format == "kohya" and family is None and "unet" in merged.components():
+        raise FormatError("cannot tell the base family from the shapes; kohya names depend on it: pass --family "
+                          "(sd1 / sd2 / sdxl)")
+    meta = {"customize.merge": merged.metadata["customize.merge"]}
+    out = save_lora(merged, out, args.format, family=family, metadata=meta)
+    info = inspect_lora(out)
+    print(report.summary())
+    print(f"wrote {out}: {args.format} format, {info.num_layers} layers, {describe_family(info.family or family)}")
+    return 0
+
+
+def _split_weights(specs: list[str]) -> list[tuple[str, float | None]]:
+    """FILE[:WEIGHT] -> (FILE, WEIGHT or None): None where no weight was written (method defaults apply)."""
+    return [_split_spec(s, _finite_float, "--lora weight") for s in specs]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # demo, bench: supplied by other modules, imported only when asked for
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -527,6 +605,28 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", help="check the LoRA against this model and take its family and UNet layout")
     c.add_argument("--overwrite", action="store_true", help="replace OUT when it exists (never the input itself)")
     c.set_defaults(func=cmd_convert)
+
+    mg = sub.add_parser("merge", help="merge LoRA files (concat, linear, svd, ties, dare; block weights)",
+                        description=MERGE_HELP, formatter_class=fmt)
+    mg.add_argument("loras", nargs="+", metavar="FILE[:WEIGHT]", help="LoRA files (any format, or their folders)")
+    mg.add_argument("-o", "--output", required=True, help="a .safetensors path or a folder")
+    mg.add_argument("--method", default="concat", choices=["concat", "linear", "svd", "ties", "dare"],
+                    help="how to merge (default concat: the exact sum)")
+    size = mg.add_mutually_exclusive_group()
+    size.add_argument("--rank", type=int, default=None, help="svd / ties / dare: the rank written")
+    size.add_argument("--energy", type=float, default=None, help="svd / ties / dare: keep this fraction of the "
+                      "energy (sum of S^2) per module, e.g. 0.9")
+    mg.add_argument("--density", type=float, default=0.5, help="ties: fraction of each update kept (default 0.5)")
+    mg.add_argument("--drop", type=float, default=0.5, help="dare: drop probability (default 0.5)")
+    mg.add_argument("--seed", type=int, default=0, help="dare: seed of the drop masks (default 0)")
+    mg.add_argument("--blocks", action="append", metavar="SPEC", help="per-block weights (once: all LoRAs; "
+                    "repeated: one per LoRA)")
+    mg.add_argument("--format", default="diffusers", choices=["diffusers", "peft", "kohya"],
+                    help="the output format (default diffusers)")
+    mg.add_argument("--family", choices=["sd1", "sd2", "sdxl"], help="base family when the shapes cannot tell "
+                    "(kohya names depend on it)")
+    mg.add_argument("--overwrite", action="store_true", help="replace the output when it exists (never an input)")
+    mg.set_defaults(func=cmd_merge)
 
     e = sub.add_parser("env", help="versions, GPU and known-bad combinations (for a bug report)", description=ENV_HELP, formatter_class=fmt)
     e.add_argument("--check", action="store_true", help="exit 1 when a combination known to break is installed")

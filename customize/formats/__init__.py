@@ -18,6 +18,7 @@ from customize.formats.lora_load import (
     load_lora_files,
     lora_state_from_model,
 )
+from customize.formats.lora_merge import MergeReport, block_weights, merge_loras, scale_lora
 from customize.formats.lora_read import LoraInfo, inspect_lora, read_lora
 from customize.formats.lora_state import LoraLayer, LoraState
 from customize.formats.lora_write import LoraTraining, convert_lora, save_lora
@@ -28,4 +29,5 @@ __all__ = [
     "LoraCompatibilityError", "LoraInfo", "LoraLayer", "LoraState", "UNetLayout", "check_lora_compatible",
     "convert_lora", "detect_lora_family", "detect_lora_format", "inspect_lora", "load_lora_files",
     "lora_state_from_model", "read_lora", "save_lora", "LoraTraining",
+    "MergeReport", "block_weights", "merge_loras", "scale_lora",
 ]

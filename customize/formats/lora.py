@@ -31,6 +31,7 @@ older code import them from):
   lora_detect.py  format from key names, base family from shapes / names / metadata
   lora_load.py    into a live pipeline: check_lora_compatible, load_lora_files, lora_state_from_model
   lora_write.py   LoraState -> file (save_lora, the toolkit's one LoRA writer, and its metadata), convert_lora
+  lora_merge.py   training-free merges of LoraStates (merge_loras: concat, linear, svd, ties, dare; block weights)
 """
 
 from __future__ import annotations
