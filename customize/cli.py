@@ -52,6 +52,7 @@ examples:
 
 --lora FILE[:WEIGHT]     diffusers, PEFT or kohya/A1111 file (or a folder with pytorch_lora_weights.safetensors);
                          WEIGHT scales it (default 1.0). A LoRA made for another family is refused.
+--fuse                   fold the LoRAs into the weights first (same images up to float rounding, base speed)
 --embedding FILE[:TOKEN] diffusers learned_embeds, SDXL clip_l/clip_g, or A1111 .pt/.safetensors; TOKEN
                          overrides the token stored in the file. SDXL models get both encoders' vectors.
 """
@@ -275,6 +276,11 @@ def cmd_generate(args) -> int:
     adapters = load_lora_files(pipe, loras)
     for (path, weight), name in zip(loras, adapters):
         print(f"lora {path}: adapter {name}, weight {weight:g}")
+    if args.fuse and adapters:
+        # W += sum_i w_i dW_i into the base weights (the weights set_adapters gave each adapter), then the adapter
+        # layers go: sampling runs the plain layers, with no per-call LoRA products
+        pipe.fuse_lora(adapter_names=adapters)
+        pipe.unload_lora_weights()
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
 
@@ -312,7 +318,7 @@ def cmd_generate(args) -> int:
         "model": args.model, "prompts": prompts, "negative_prompt": args.negative_prompt, "seed": args.seed,
         "steps": args.steps, "guidance": args.guidance, "scheduler": type(pipe.scheduler).__name__,
         "width": width, "height": height, "num_images": args.num_images,
-        "loras": [{"file": p, "weight": w} for p, w in loras],
+        "loras": [{"file": p, "weight": w} for p, w in loras], "fused": bool(args.fuse and loras),
         "embeddings": [{"file": p, "token": t} for p, t in embeddings],
         "images": [x.name for x in written],
     }
@@ -582,6 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler", default=None, help="ddim, ddpm, pndm, euler, euler_a, dpm++, unipc, customize-ddim, "
                    "customize-ddpm (default: the model's own)")
     g.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", help="a LoRA file and its weight (repeatable)")
+    g.add_argument("--fuse", action="store_true", help="fold the LoRAs (at their weights) into the model's weights "
+                   "before sampling: each step then costs what the base model's does")
     g.add_argument("--embedding", action="append", metavar="FILE[:TOKEN]", help="a textual-inversion file (repeatable)")
     g.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
     g.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")

@@ -74,6 +74,23 @@ def test_generate_tiny_sd_with_lora_and_embedding_matches_the_pipeline(files, tm
         assert np.abs(got.astype(int) - plain[j].astype(int)).max() > 0  # the LoRA at 0.5 did change it
 
 
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_generate_fuse_gives_the_unfused_images(files, tmp_path, kind):
+    """--fuse folds two LoRAs at their weights into the base weights (text-encoder layers too, for the SDXL one):
+    the images equal the unfused ones up to float rounding, and differ from the base model's."""
+    loras = ["--lora", f"{files['kohya']}:0.5", "--lora", f"{files['diffusers']}:0.8"] if kind == "sd" else \
+        ["--lora", f"{files['sdxl']}:0.7"]
+    common = ["generate", "-m", f"tiny-{kind}", "-p", "a photo of a dog", "--steps", "2", "--seed", "5",
+              "--no-progress"]
+    images = {}
+    for name, extra in (("base", []), ("unfused", loras), ("fused", [*loras, "--fuse"])):
+        assert main([*common, *extra, "--out", str(tmp_path / name)]) == 0
+        images[name] = _png(tmp_path / name / "000-00-seed5.png").astype(int)
+    assert np.abs(images["fused"] - images["unfused"]).max() <= 2
+    assert np.abs(images["unfused"] - images["base"]).max() > 10
+    assert json.loads((tmp_path / "fused" / "generation.json").read_text())["fused"] is True
+
+
 def test_generate_tiny_sdxl_prompts_file_and_scheduler(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# shapes\na red circle\n\na blue square\n")
