@@ -41,10 +41,7 @@ def main(argv=None) -> None:
     def pipeline(mode):
         pipe = load_pipeline(a.model)
         if mode != "base":
-            names = load_lora_files(pipe, specs)
-            if mode == "fused":
-                pipe.fuse_lora(adapter_names=names)
-                pipe.unload_lora_weights()
+            load_lora_files(pipe, specs, fuse=mode == "fused")
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(a.device)
 

@@ -273,14 +273,9 @@ def cmd_generate(args) -> int:
     for path, token in embeddings:
         added = load_embedding_into(pipe, path, token)
         print(f"embedding {path}: tokens {', '.join(added)}")
-    adapters = load_lora_files(pipe, loras)
+    adapters = load_lora_files(pipe, loras, fuse=args.fuse)
     for (path, weight), name in zip(loras, adapters):
-        print(f"lora {path}: adapter {name}, weight {weight:g}")
-    if args.fuse and adapters:
-        # W += sum_i w_i dW_i into the base weights (the weights set_adapters gave each adapter), then the adapter
-        # layers go: sampling runs the plain layers, with no per-call LoRA products
-        pipe.fuse_lora(adapter_names=adapters)
-        pipe.unload_lora_weights()
+        print(f"lora {path}: {'fused' if args.fuse else 'adapter ' + name}, weight {weight:g}")
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
 

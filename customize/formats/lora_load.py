@@ -103,10 +103,14 @@ def _mixed_layouts(path: Path) -> bool:
     return len(kinds) > 1
 
 
-def load_lora_files(pipe, specs: list[tuple[str | os.PathLike, float]], prefix: str = "lora") -> list[str]:
+def load_lora_files(pipe, specs: list[tuple[str | os.PathLike, float]], prefix: str = "lora",
+                    fuse: bool = False) -> list[str]:
     """Load LoRA files as adapters `<prefix>_<i>` (the first free names) with their weights, through diffusers'
     `load_lora_weights` + `set_adapters`; returns the adapter names. Every file is checked first, so a bad one
-    loads nothing. Adapters loaded before stay loaded but inactive (set_adapters activates only these)."""
+    loads nothing. Adapters loaded before stay loaded but inactive (set_adapters activates only these).
+
+    With `fuse`, W += sum_i w_i dW_i is folded into the base weights (`fuse_lora`) and every adapter layer is
+    then removed: sampling runs the plain layers, at the base model's cost, with no LoRA left to switch off."""
     import math
 
     for path, weight in specs:
@@ -135,6 +139,9 @@ def load_lora_files(pipe, specs: list[tuple[str | os.PathLike, float]], prefix: 
         names.append(name)
     if names:
         pipe.set_adapters(names, adapter_weights=[float(w) for _, w in specs])
+        if fuse:
+            pipe.fuse_lora(adapter_names=names)
+            pipe.unload_lora_weights()
     return names
 
 
