@@ -11,6 +11,10 @@ Columns (shares of generated images, probe-read; "-" where a row does not measur
                                 backgrounds the 5 subject images never showed
   drift                         class prompt ("a shape on a <bg> background") images showing the subject
   style                         stripes present, asked "in zwx style" for shapes the style images never showed
+The merge rows (merge-*) merge the subject LoRA with the style LoRA (each trained once per run, as the
+dreambooth-lora and style-lora rows train them) and ask "a sks shape in zwx style on a <red|green|blue>
+background": their own table has subject, style (stripes), bg, both (subject and stripes in one image) and the
+merge's seconds (ZipLoRA: its training, data included).
 Rows are a registry: `@row("name")` on a function `(ctx) -> {column: value}`; a method added later (e.g.
 textual inversion) registers its row the same way.
 """
@@ -22,7 +26,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from customize.bench import pick, single_thread_unless_set
@@ -44,6 +48,8 @@ class Context:
     n_class: int = 48  # class-prompt images for the drift column
     n_style: int = 48  # style prompts
     seed: int = 0
+    reuse_sources: bool = False  # merge rows: the source LoRAs of an earlier run in output_dir, when there
+    cache: dict = field(default_factory=dict)  # what several rows share in one run (the merge rows' source LoRAs)
 
 
 ROWS: dict[str, Callable[[Context], dict]] = {}
@@ -118,6 +124,98 @@ def style_lora_row(ctx: Context) -> dict:
             **style.scores}
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Merging the subject LoRA with the style LoRA: "a sks shape in zwx style on a <red|green|blue> background"
+# ---------------------------------------------------------------------------------------------------------------
+
+MERGE_COLUMNS = (
+    ("merge_subject", "subject"), ("merge_style", "style"), ("merge_background", "bg"), ("merge_both", "both"),
+    ("merge_seconds", "merge s"),
+)
+# Training-free merges (customize.merge_loras) of the two LoRAs, as a user would call them.
+MERGES = {
+    "merge-concat": dict(method="concat"),  # the direct sum: both LoRAs at weight 1
+    "merge-linear": dict(method="linear", weights=[0.5, 0.5]),
+    "merge-svd": dict(method="svd"),  # re-ranked to the larger rank of the two at each module
+    "merge-ties": dict(method="ties", density=0.5),
+}
+
+
+def _source_loras(ctx: Context) -> tuple[Path, Path]:
+    """The subject and style LoRA files, trained once per bench run (the subject-LoRA and style-LoRA rows'
+    settings) and shared by every merge row."""
+    if "loras" not in ctx.cache:
+        folder = ctx.output_dir / "merge-sources" / f"seed-{ctx.seed}"
+        files = (folder / "subject" / "pytorch_lora_weights.safetensors", folder / "style" / "pytorch_lora_weights.safetensors")
+        if not (ctx.reuse_sources and all(f.is_file() for f in files)):
+            experiments.dreambooth_lora(files[0].parent, base=ctx.base, seed=ctx.seed)
+            experiments.style_lora(files[1].parent, base=ctx.base, seed=ctx.seed)
+        else:
+            print(f"[merge rows: reusing the source LoRAs in {folder}]", file=sys.stderr)
+        ctx.cache["loras"] = files
+    return ctx.cache["loras"]
+
+
+def _merge_scores(name: str, ctx: Context, lora: Path, seconds: float) -> dict:
+    """Load the merged file into a fresh base (customize.load_lora_files, as `customize generate --lora` does)
+    and ask for the subject in the style."""
+    from customize.formats.lora_load import load_lora_files
+
+    pipe = experiments.load_base(ctx.base)
+    load_lora_files(pipe, [(lora, 1.0)])
+    scored = quality.subject_in_style(pipe, ctx.seeds_per_prompt, ctx.seed)
+    _save_samples(name, scored, ctx, ctx.seeds_per_prompt)
+    return {**scored.scores, "merge_seconds": seconds}
+
+
+@row("merge-content")
+def merge_content_row(ctx: Context) -> dict:
+    return _merge_scores("merge-content", ctx, _source_loras(ctx)[0], 0.0)
+
+
+@row("merge-style")
+def merge_style_row(ctx: Context) -> dict:
+    return _merge_scores("merge-style", ctx, _source_loras(ctx)[1], 0.0)
+
+
+def _training_free_row(name: str, ctx: Context) -> dict:
+    from customize.formats.lora_merge import merge_loras
+    from customize.formats.lora_write import save_lora
+
+    sources = _source_loras(ctx)
+    start = time.perf_counter()
+    merged, _ = merge_loras(list(sources), **MERGES[name])
+    seconds = time.perf_counter() - start
+    return _merge_scores(name, ctx, save_lora(merged, ctx.output_dir / f"{name}.safetensors"), seconds)
+
+
+for _name in MERGES:
+    row(_name)(lambda ctx, name=_name: _training_free_row(name, ctx))
+
+
+def _ziplora_row(name: str, ctx: Context, **options) -> dict:
+    from customize.formats.lora_write import save_lora
+
+    result, seconds = experiments.ziplora(ctx.output_dir / name, *_source_loras(ctx), base=ctx.base, seed=ctx.seed,
+                                          overwrite_output_dir=True, **options)
+    return _merge_scores(name, ctx, save_lora(result.lora, ctx.output_dir / f"{name}.safetensors"), seconds)
+
+
+row("merge-ziplora")(lambda ctx: _ziplora_row("merge-ziplora", ctx))
+row("merge-ziplora-generated")(lambda ctx: _ziplora_row("merge-ziplora-generated", ctx, data="generated"))
+
+
+def ziplora_verdict(results: dict[str, dict]) -> str | None:
+    """The target: ZipLoRA's both-at-once >= 60% and >= 15 points above the best training-free merge."""
+    free = {n: results[n]["merge_both"] for n in MERGES if n in results}
+    if "merge-ziplora" not in results or not free:
+        return None
+    zip_both, (best, best_both) = results["merge-ziplora"]["merge_both"], max(free.items(), key=lambda kv: kv[1])
+    met = zip_both >= 0.6 and zip_both - best_both >= 0.15
+    return (f"ZipLoRA both-at-once {zip_both:.0%} vs the best training-free merge ({best}) {best_both:.0%}: target "
+            f"(>= 60% and >= 15 points above) {'met' if met else 'not met'}")
+
+
 def _cell(key: str, value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -125,12 +223,14 @@ def _cell(key: str, value) -> str:
         return f"{value / 1e6:.2f}M" if value >= 1e5 else f"{value / 1e3:.1f}k"
     if key == "seconds":
         return f"{value:.0f}"
+    if key == "merge_seconds":
+        return f"{value:.2f}"
     return f"{value:.0%}"
 
 
-def format_table(results: dict[str, dict]) -> str:
-    header = ["method"] + [title for _, title in COLUMNS]
-    lines = [header] + [[name] + [_cell(k, r.get(k)) for k, _ in COLUMNS] for name, r in results.items()]
+def format_table(results: dict[str, dict], columns=COLUMNS) -> str:
+    header = ["method"] + [title for _, title in columns]
+    lines = [header] + [[name] + [_cell(k, r.get(k)) for k, _ in columns] for name, r in results.items()]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     return "\n".join([fmt(lines[0]), "  ".join("-" * w for w in widths)] + [fmt(line) for line in lines[1:]])
@@ -162,21 +262,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output_dir", default="outputs/bench-toy-quality")
     p.add_argument("--base", default=str(experiments.BASE_DIR))
     p.add_argument("--n_prompts", type=int, default=Context.n_prompts)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training and sampling seed")
+    p.add_argument("--reuse_sources", action="store_true",
+                   help="merge rows: reuse the subject / style LoRAs an earlier run with this seed left in output_dir")
     a = p.parse_args(argv)
     if a.list:
         print("\n".join(ROWS))
         return 0
     names = pick(a.rows, ROWS, "row")
     single_thread_unless_set()
-    ctx = Context(output_dir=Path(a.output_dir), base=Path(a.base), n_prompts=a.n_prompts, seed=a.seed)
+    ctx = Context(output_dir=Path(a.output_dir), base=Path(a.base), n_prompts=a.n_prompts, seed=a.seed,
+                  reuse_sources=a.reuse_sources)
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for name in names:
         start = time.perf_counter()
         results[name] = ROWS[name](ctx)
         print(f"[{name}: {time.perf_counter() - start:.0f} s]", file=sys.stderr)
-    print(format_table(results) + "\n")
+    merges = {n: r for n, r in results.items() if n.startswith("merge-")}
+    others = {n: r for n, r in results.items() if n not in merges}
+    if others:
+        print(format_table(others) + "\n")
+    if merges:
+        print('asked "a sks shape in zwx style on a <red|green|blue> background" (16 seeds each):')
+        print(format_table(merges, MERGE_COLUMNS) + "\n")
+        verdict = ziplora_verdict(results)
+        if verdict:
+            print(verdict)
     for name in ("dreambooth-lora", "dreambooth", "pivotal"):
         if name in results and f"{name}+prior" in results:
             without, with_ = results[name], results[f"{name}+prior"]

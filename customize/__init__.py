@@ -6,6 +6,8 @@ they are resolved lazily (torch, diffusers and transformers load only when one i
     import customize
     pipe = customize.load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5")
     customize.load_lora_files(pipe, [("my_lora.safetensors", 0.8)])
+    merged, report = customize.merge_loras(["subject.safetensors", "style.safetensors"], method="svd", rank=16)
+    zipped = customize.ziplora(pipe, "subject.safetensors", "style.safetensors", "a sks dog", "a cat in zwx style")
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ _API = {
     "save_lora": "customize.formats.lora_write",
     "convert_lora": "customize.formats.lora_write",
     "merge_loras": "customize.formats.lora_merge",
+    "ziplora": "customize.methods.ziplora",
     "inspect_lora": "customize.formats.lora_read",
     "check_lora_compatible": "customize.formats.lora_load",
     "load_lora_files": "customize.formats.lora_load",

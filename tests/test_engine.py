@@ -359,12 +359,12 @@ def test_options_the_machine_cannot_run_are_refused_while_parsing(monkeypatch):
 
 
 def test_every_option_has_a_help_text_and_shows_its_default():
-    from customize.methods import ddpm, dreambooth, lora, pivotal, textual_inversion
+    from customize.methods import ddpm, dreambooth, lora, pivotal, textual_inversion, ziplora
     from customize.toy.base import ToyBaseConfig
     from customize.training.config import build_config_parser
 
     for cls in (TrainConfig, dreambooth.DreamBoothConfig, lora.LoRAConfig, pivotal.PivotalConfig,
-                textual_inversion.TextualInversionConfig, ddpm.DDPMConfig, ToyBaseConfig):
+                textual_inversion.TextualInversionConfig, ddpm.DDPMConfig, ToyBaseConfig, ziplora.ZipLoRAConfig):
         parser = build_config_parser(cls)
         for action in parser._actions:
             assert action.help and action.help.strip(), f"{cls.__name__}: --{action.dest} has no help text"

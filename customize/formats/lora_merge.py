@@ -357,7 +357,8 @@ def merge_loras(
     def weight(i: int, key: str) -> float:
         return weights[i] * (per_block[i][key] if per_block[i] is not None else 1.0)
 
-    dtype = states[0].layers[keys[0]].up.dtype if keys else torch.float32
+    # the widest dtype of the sources (the first LoRA need not adapt the first module of the union)
+    dtype = next(iter(next(s for s in states if s.layers).layers.values())).up.dtype if keys else torch.float32
     for s in states:
         for layer in s.layers.values():
             dtype = torch.promote_types(dtype, layer.up.dtype)

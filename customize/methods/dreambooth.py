@@ -18,19 +18,15 @@ from dataclasses import dataclass, field
 import torch
 
 from customize.data import PairedDataset, cache_features, collate_examples, dreambooth_dataset
-from customize.training import TrainConfig, sd
+from customize.training import sd
+from customize.training.config import SDTrainConfig
 
 
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # TrainConfig.mixed_precision -> autocast dtype
 
 
 @dataclass
-class DreamBoothConfig(TrainConfig):
-    pretrained_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Base model: hub id, diffusers folder, single file, or tiny-sd / tiny-sdxl."}
-    )
-    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) of the base model."})
-    variant: str | None = field(default=None, metadata={"help": "Weight variant to load, e.g. fp16."})
+class DreamBoothConfig(SDTrainConfig):
     instance_data_dir: str | None = field(default=None, metadata={"help": "Folder of the subject's images."})
     instance_prompt: str = field(default="a photo of sks dog", metadata={"help": "Prompt with the identifier."})
     class_data_dir: str | None = field(
@@ -45,10 +41,6 @@ class DreamBoothConfig(TrainConfig):
     num_class_images: int = field(default=100, metadata={"help": "Class images wanted in class_data_dir."})
     sample_batch_size: int = field(default=4, metadata={"help": "Batch size when generating class images."})
     class_inference_steps: int = field(default=50, metadata={"help": "Sampling steps per generated class image."})
-    resolution: int | None = field(
-        default=None, metadata={"help": "Training image size in pixels, a multiple of the VAE's factor (8 for SD); "
-                                        "unset: the model's native size."}
-    )
     center_crop: bool = field(default=False, metadata={"help": "Crop the centre of each image (else a random crop)."})
     random_flip: bool = field(default=False, metadata={"help": "Flip images horizontally at random."})
     use_captions: bool = field(
@@ -59,11 +51,6 @@ class DreamBoothConfig(TrainConfig):
     train_text_encoder: bool = field(default=False, metadata={"help": "Also train the text encoder(s)."})
     snr_gamma: float | None = field(default=None, metadata={"help": "min-SNR-gamma loss weighting; 5.0 is recommended."})
     noise_offset: float = field(default=0.0, metadata={"help": "Noise offset scale (e.g. 0.05)."})
-    validation_prompt: str | None = field(
-        default=None, metadata={"help": "Prompt of the validation images (every validation_steps); unset: none."}
-    )
-    num_validation_images: int = field(default=4, metadata={"help": "Images per validation."})
-    validation_inference_steps: int = field(default=25, metadata={"help": "Denoising steps of each validation image."})
     learning_rate: float = 5e-6
     max_train_steps: int = 800
 
@@ -75,10 +62,6 @@ class DreamBoothConfig(TrainConfig):
             raise ValueError(f"prior_loss_weight must be >= 0, got {self.prior_loss_weight}")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ValueError(f"snr_gamma must be > 0 (or unset), got {self.snr_gamma}")
-        if self.resolution is not None and self.resolution < 1:
-            raise ValueError(f"resolution must be a positive number of pixels, a multiple of the VAE's downsampling "
-                             f"factor (8 for Stable Diffusion), got {self.resolution}: e.g. 512 (SD 1.x), 1024 "
-                             "(SDXL), or leave it out for the model's native size")
 
 
 def trainable_parameters(pipe, cfg: DreamBoothConfig):

@@ -158,13 +158,19 @@ def prepare(pipe, dataset, cfg: LoRAConfig, accelerator):
     them: half the memory, and autocast no longer re-casts every weight at every call. The LoRA matrices stay
     float32. (The VAE stays float32: SDXL's overflows in fp16.)"""
     dataset = dreambooth.prepare(pipe, dataset, cfg, accelerator)
-    dtype = dreambooth.AUTOCAST_DTYPES.get(cfg.mixed_precision)
+    cast_frozen_weights(pipe, cfg.mixed_precision)
+    return dataset
+
+
+def cast_frozen_weights(pipe, mixed_precision: str) -> None:
+    """Under fp16 / bf16 autocast, the frozen weights of the UNet and text encoders in that dtype (what requires
+    grad stays float32); the VAE is left as it is."""
+    dtype = dreambooth.AUTOCAST_DTYPES.get(mixed_precision)
     if dtype is not None:
         for module in [pipe.unet, *sd.text_encoders(pipe)]:
             for p in module.parameters():
                 if not p.requires_grad:
                     p.data = p.data.to(dtype)
-    return dataset
 
 
 def lora_training(cfg: LoRAConfig):

@@ -220,3 +220,28 @@ def pivotal(output_dir, *, base=BASE_DIR, instance_dir=SUBJECT_DIR, with_prior: 
     num_vectors = overrides.get("num_new_tokens_per_abstraction", PIVOTAL_DEFAULTS["num_new_tokens_per_abstraction"])
     run.trained_parameters += _word_vectors(run.pipe, num_vectors)
     return run
+
+
+# ZipLoRA on the toy model: the merger vectors have one entry per input column, so the toy's few steps need a
+# larger step size than the paper's 5e-5 for SDXL (at 5e-5 x 100 steps no entry can move by more than 0.005).
+ZIPLORA_DEFAULTS = dict(steps=100, learning_rate=1e-2, similarity_lambda=0.01, train_batch_size=4, checkpointing_steps=0)
+
+
+def ziplora(output_dir, content_lora, style_lora, *, base=BASE_DIR, data: str = "images", seed: int = 0,
+            progress: bool = False, **overrides):
+    """ZipLoRA of a subject LoRA and a style LoRA (files) on the toy base. `data="images"` trains on the LoRAs'
+    own captioned images (data/toy/subject and data/toy/style), `data="generated"` on images each LoRA generates
+    from its trigger prompt (the paper's recipe). Returns (ZipLoRAResult, seconds)."""
+    from customize.methods.ziplora import ziplora as run
+
+    settings = {**ZIPLORA_DEFAULTS, **overrides}
+    if data == "images":
+        settings.update(content_images=str(SUBJECT_DIR), style_images=str(STYLE_DIR), use_captions=True)
+    elif data != "generated":
+        raise ValueError(f"data must be 'images' or 'generated', got {data!r}")
+    start = time.perf_counter()
+    result = run(load_base(base), content_lora, style_lora, world.SUBJECT.instance_prompt,
+                 f"a {world.SUBJECT.class_word} {world.STYLE.trigger}", output_dir=str(output_dir), seed=seed,
+                 progress=progress, resolution=world.IMAGE_SIZE, generation_steps=quality.EVAL_STEPS,
+                 num_images=NUM_STYLE_IMAGES, report_to="none", **settings)
+    return result, time.perf_counter() - start

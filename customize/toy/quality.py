@@ -7,7 +7,9 @@ probes, and reduce the readings to the measures of docs/toy-world.md, 'Measures'
 - class drift (language drift, DreamBooth sec. 4.3): the share of images of the bare class prompt ("a shape on a
   <bg> background") that show the subject's shape or colour: ~0 for the base model, high once the class word
   has been taken over by the subject;
-- style presence: the share of images, asked "in zwx style", that the stripe probe sees stripes in.
+- style presence: the share of images, asked "in zwx style", that the stripe probe sees stripes in;
+- subject in style (merged LoRAs): asked "a sks shape in zwx style on a <bg> background", the shares showing the
+  subject, the stripes, the background, and the subject and the stripes at once.
 
 Every image comes from its own seeded generator, so a score is a function of (model, prompts, seeds) only.
 """
@@ -131,6 +133,31 @@ def style_presence(pipe, n: int = 48, seed: int = 0, style: world.Style = world.
     present = [r.style for r in readings]
     shaped = [r.style and r.shape == s.shape for r, (_, s) in zip(readings, cases)]
     return Scored(images, readings, {"style_presence": sum(present) / n, "style_shape": sum(shaped) / n})
+
+
+def subject_in_style_prompts(subject: world.Subject = world.SUBJECT,
+                             style: world.Style = world.STYLE) -> list[tuple[str, str]]:
+    """(prompt, background) asking for the subject in the style on each background its images never showed:
+    "a sks shape in zwx style on a red background"."""
+    return [(f"{subject.instance_prompt} {style.trigger} on a {bg} background", bg) for bg in subject.unseen_backgrounds]
+
+
+def subject_in_style(pipe, seeds_per_prompt: int = 16, seed: int = 0, subject: world.Subject = world.SUBJECT,
+                     style: world.Style = world.STYLE, **gen) -> Scored:
+    """A merge of a subject LoRA and a style LoRA, asked for both at once: subject fidelity ("merge_subject"),
+    stripes present ("merge_style"), the background asked ("merge_background"), and "merge_both": subject AND
+    stripes in the same image, what the user asked for (the background is reported beside it)."""
+    cases = [(p, bg) for p, bg in subject_in_style_prompts(subject, style) for _ in range(seeds_per_prompt)]
+    images = sample(pipe, [p for p, _ in cases], seeds=[seed + 90_000 + i for i in range(len(cases))], **gen)
+    readings = probes.read_all(images)
+    is_subject = [shows_subject(r, subject) for r in readings]
+    striped = [bool(r.style) for r in readings]
+    on_bg = [r.background == bg for r, (_, bg) in zip(readings, cases)]
+    n = len(cases)
+    return Scored(images, readings, {
+        "merge_subject": sum(is_subject) / n, "merge_style": sum(striped) / n, "merge_background": sum(on_bg) / n,
+        "merge_both": sum(a and b for a, b in zip(is_subject, striped)) / n,
+    })
 
 
 def image_grid(images: Sequence[Image.Image], cols: int, scale: int = 1) -> Image.Image:

@@ -2,8 +2,8 @@
 
 from customize.errors import TrainingError
 from customize.training.checkpoint import check_run_folder
-from customize.training.config import TrainConfig, load_config_file, parse_config
+from customize.training.config import SDTrainConfig, TrainConfig, load_config_file, parse_config
 from customize.training.engine import TrainResult, train
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingError", "check_run_folder", "load_config_file", "parse_config",
-           "train"]
+__all__ = ["SDTrainConfig", "TrainConfig", "TrainResult", "TrainingError", "check_run_folder", "load_config_file",
+           "parse_config", "train"]

@@ -148,6 +148,34 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class SDTrainConfig(TrainConfig):
+    """The fields of every method that trains on a Stable Diffusion pipeline: which base model, the image size,
+    and the validation images (DreamBooth, LoRA, pivotal tuning, ZipLoRA subclass it)."""
+
+    pretrained_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Base model: hub id, diffusers folder, single file, or tiny-sd / tiny-sdxl."}
+    )
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) of the base model."})
+    variant: str | None = field(default=None, metadata={"help": "Weight variant to load, e.g. fp16."})
+    resolution: int | None = field(
+        default=None, metadata={"help": "Training image size in pixels, a multiple of the VAE's factor (8 for SD); "
+                                        "unset: the model's native size."}
+    )
+    validation_prompt: str | None = field(
+        default=None, metadata={"help": "Prompt of the validation images (every validation_steps); unset: none."}
+    )
+    num_validation_images: int = field(default=4, metadata={"help": "Images per validation."})
+    validation_inference_steps: int = field(default=25, metadata={"help": "Denoising steps of each validation image."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.resolution is not None and self.resolution < 1:
+            raise ValueError(f"resolution must be a positive number of pixels, a multiple of the VAE's downsampling "
+                             f"factor (8 for Stable Diffusion), got {self.resolution}: e.g. 512 (SD 1.x), 1024 "
+                             "(SDXL), or leave it out for the model's native size")
+
+
 class MissingDependencyError(ImportError, ValueError):
     """An option that needs a package this install lacks; the message names the package and the fix. Also a
     ValueError, so the recipes and the `customize` command report it in one line (customize.cli.USER_ERRORS)."""

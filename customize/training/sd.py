@@ -160,20 +160,20 @@ def unet_predict(unet, noisy_latents: torch.Tensor, timesteps: torch.Tensor, con
     )[0]  # (B, C, h, w)
 
 
-def batch_loss(pipe, batch: dict, cfg, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """The DreamBooth / LoRA / fine-tune loss of one batch of `customize.data.collate_examples`, already on the
-    training device (the engine sends it there).
-
-    Latents come from the feature cache ("latent_moments") or are encoded now ("pixel_values"); the conditioning
-    comes from the cache ("encoder_hidden_states" [+ "text_embeds"]) or is encoded now, the path taken whenever a
-    text encoder trains, from token ids a collate made ("input_ids": one (B, L) tensor per tokenizer) or else
-    from "prompt". The last batch["num_prior"] rows are class images."""
-    vae, unet = pipe.vae, pipe.unet
+def batch_latents(pipe, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The scaled latents of a batch of `customize.data.collate_examples` (on the training device): drawn from the
+    feature cache's VAE moments ("latent_moments") or encoded now from "pixel_values". (B, C, h, w)."""
+    vae = pipe.vae
     if "latent_moments" in batch:
-        latents = latents_from_moments(vae, batch["latent_moments"], generator)  # (B, C, h, w)
-    else:
-        with torch.no_grad():
-            latents = encode_images(vae, batch["pixel_values"], generator)  # (B, C, h, w)
+        return latents_from_moments(vae, batch["latent_moments"], generator)
+    with torch.no_grad():
+        return encode_images(vae, batch["pixel_values"], generator)
+
+
+def batch_conditioning(pipe, batch: dict, latents: torch.Tensor) -> tuple[dict, torch.Tensor | None]:
+    """(conditioning dict, SDXL time_ids or None) of a batch: from the cache ("encoder_hidden_states"
+    [+ "text_embeds"]) or encoded now, the path taken whenever a text encoder trains, from token ids a collate
+    made ("input_ids": one (B, L) tensor per tokenizer) or else from "prompt"."""
     if "encoder_hidden_states" in batch:
         cond = {k: batch[k] for k in ("encoder_hidden_states", "text_embeds") if k in batch}
     elif "input_ids" in batch:
@@ -183,11 +183,20 @@ def batch_loss(pipe, batch: dict, cfg, generator: torch.Generator | None = None)
     ids = None
     if "text_embeds" in cond:
         ids = time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"], latents.device, latents.dtype)
+    return cond, ids
+
+
+def batch_loss(pipe, batch: dict, cfg, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """The DreamBooth / LoRA / fine-tune loss of one batch of `customize.data.collate_examples`, already on the
+    training device (the engine sends it there): latents and conditioning as `batch_latents` /
+    `batch_conditioning` make them; the last batch["num_prior"] rows are class images."""
+    latents = batch_latents(pipe, batch, generator)  # (B, C, h, w)
+    cond, ids = batch_conditioning(pipe, batch, latents)
     num_prior = int(batch.get("num_prior", 0))
     return diffusion_loss(
         training_scheduler(pipe),
         latents,
-        lambda x_t, t: unet_predict(unet, x_t, t, cond, ids),
+        lambda x_t, t: unet_predict(pipe.unet, x_t, t, cond, ids),
         noise_offset=cfg.noise_offset,
         snr_gamma=cfg.snr_gamma,
         num_prior=num_prior,
