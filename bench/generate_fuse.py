@@ -25,6 +25,7 @@ def main(argv=None) -> None:
 
     from customize.cli import parse_lora_spec
     from customize.formats import load_lora_files
+    from customize.inference import generate
     from customize.models import load_pipeline
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,11 +47,11 @@ def main(argv=None) -> None:
         return pipe.to(a.device)
 
     def sample(pipe):
-        gens = [torch.Generator(a.device).manual_seed(i) for i in range(a.num_images)]
         if a.device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        pipe("a photo", num_inference_steps=a.steps, num_images_per_prompt=a.num_images, generator=gens)
+        # one batch of num_images, image i from seed i, as `customize generate` draws one prompt's images
+        generate(pipe, ["a photo"] * a.num_images, num_inference_steps=a.steps, batch_size=a.num_images)
         if a.device.startswith("cuda"):
             torch.cuda.synchronize()
         return time.perf_counter() - start

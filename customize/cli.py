@@ -43,6 +43,10 @@ Writes one PNG per image (named <prompt>-<image>-seed<seed>.png), grid.png (one 
 generation.json (every setting, to reproduce the run) into --out. Every file is written atomically, and
 nothing is written when an input is wrong.
 
+Seeds: image j of every prompt (j = 0 .. --num-images - 1) is drawn from its own generator seeded with
+--seed + j (customize.inference.generate), so it depends on its prompt and seed only: `--seed 5 --num-images 1`
+redraws image 1 of `--seed 4 --num-images 2` (to within one 8-bit level of float rounding).
+
 examples:
   customize generate -m stabilityai/stable-diffusion-xl-base-1.0 --prompt "a watercolor fox" --num-images 4
   customize generate -m ./my-model --prompts-file prompts.txt --steps 30 --guidance 7 --scheduler dpm++
@@ -240,12 +244,12 @@ def _png_info(prompt: str, seed: int, args):
 def cmd_generate(args) -> int:
     if args.device:
         generate_device(args.device)  # before the seconds of importing diffusers and loading the model
-    import torch
     from diffusers.utils import logging as diffusers_logging
     from tqdm.auto import tqdm
 
     from customize.data.images import save_image_atomic
     from customize.formats import load_embedding_into, load_lora_files
+    from customize.inference import generate
     from customize.models import load_pipeline
     from customize.training.tracking import image_grid
     from customize.utils import atomic_path, default_device
@@ -277,7 +281,6 @@ def cmd_generate(args) -> int:
     for (path, weight), name in zip(loras, adapters):
         print(f"lora {path}: {'fused' if args.fuse else 'adapter ' + name}, weight {weight:g}")
     pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
 
     out = Path(args.out)
     bar = tqdm(total=len(prompts) * args.steps, desc="denoising", unit="step", disable=args.no_progress)
@@ -286,26 +289,19 @@ def cmd_generate(args) -> int:
         bar.update(1)
         return callback_kwargs
 
+    # image j of every prompt uses seed + j, so a prompt's images can be reproduced one at a time; a prompt's
+    # images are one batch, written before the next prompt's are drawn
+    seeds = [args.seed + j for j in range(args.num_images)]
     written, grid = [], []
-    # the generator lives where the noise is drawn: on CUDA, CUDA generators; MPS draws on the CPU in diffusers
-    gen_device = "cpu" if device.type == "mps" else device
     for p, prompt in enumerate(prompts):
-        # image j of every prompt uses seed + j, so a prompt's images can be reproduced one at a time
-        generators = [torch.Generator(gen_device).manual_seed(args.seed + j) for j in range(args.num_images)]
-        images = pipe(
-            prompt,
-            negative_prompt=args.negative_prompt,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            width=width,
-            height=height,
-            num_images_per_prompt=args.num_images,
-            generator=generators,
-            callback_on_step_end=on_step_end,
-        ).images
-        for j, img in enumerate(images):
-            path = out / f"{p:03d}-{j:02d}-seed{args.seed + j}.png"
-            written.append(save_image_atomic(img, path, pnginfo=_png_info(prompt, args.seed + j, args)))
+        images = generate(
+            pipe, [prompt] * args.num_images, seeds, negative_prompt=args.negative_prompt,
+            guidance_scale=args.guidance, num_inference_steps=args.steps, height=height, width=width,
+            batch_size=args.num_images, callback_on_step_end=on_step_end,
+        )
+        for j, (img, seed) in enumerate(zip(images, seeds)):
+            path = out / f"{p:03d}-{j:02d}-seed{seed}.png"
+            written.append(save_image_atomic(img, path, pnginfo=_png_info(prompt, seed, args)))
         grid += images
     bar.close()
     grid_path = save_image_atomic(image_grid(grid, cols=args.num_images), out / "grid.png")
@@ -577,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-p", "--prompt", action="append", help="a prompt (repeat for several)")
     g.add_argument("--prompts-file", help="a text file with one prompt a line ('#' starts a comment line)")
     g.add_argument("--negative-prompt", default=None, help="what the images should not show")
-    g.add_argument("--seed", type=int, default=0, help="image j of each prompt uses seed + j (default 0)")
+    g.add_argument("--seed", type=int, default=0, help="image j of each prompt is drawn from seed + j (default 0)")
     g.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
     g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     g.add_argument("--scheduler", default=None, help="ddim, ddpm, pndm, euler, euler_a, dpm++, unipc, customize-ddim, "

@@ -299,10 +299,14 @@ def test_validation_images_use_the_placeholder(tmp_path):
     with torch.no_grad():
         weight[method.tokens.slots[0].token_ids] += 1.0  # S* no longer looks like its initializer
     images = method.validate(pipe, cfg, step=0)
+
+    def seeds():  # validation image i is drawn from the seed cfg.seed + i (customize.inference.generate)
+        return [torch.Generator().manual_seed(cfg.seed + i) for i in range(2)]
+
     expected = pipe("a <tok> on the grass", num_images_per_prompt=2, num_inference_steps=2, height=RESOLUTION,
-                    width=RESOLUTION, generator=torch.Generator().manual_seed(cfg.seed)).images
+                    width=RESOLUTION, generator=seeds()).images
     assert len(images) == 2
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, expected))
     initializer = pipe("a dog on the grass", num_images_per_prompt=2, num_inference_steps=2, height=RESOLUTION,
-                       width=RESOLUTION, generator=torch.Generator().manual_seed(cfg.seed)).images
+                       width=RESOLUTION, generator=seeds()).images
     assert not np.array_equal(np.asarray(images[0]), np.asarray(initializer[0]))

@@ -1,9 +1,10 @@
 """Class images for DreamBooth's prior preservation, generated with the base model before training.
 
-Image i is always drawn from the seed `seed + i` and written as `class-{i:05d}.png` through a temporary file, so
-an interrupted generation resumes where it stopped and yields the same pictures as an uninterrupted one. Images
-already in the folder (the user's own, or an earlier run's) count towards `num_class_images`: only the difference
-is generated, in batches, split between the processes of an `accelerate launch`.
+Image i is always drawn from the seed `seed + i` (by `customize.inference.generate`) and written as
+`class-{i:05d}.png` through a temporary file, so an interrupted generation resumes where it stopped and yields the
+same pictures as an uninterrupted one. Images already in the folder (the user's own, or an earlier run's) count
+towards `num_class_images`: only the difference is generated, in batches, split between the processes of an
+`accelerate launch`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 from customize.data.images import IMAGE_EXTENSIONS, save_image_atomic
+from customize.inference import generate
 from customize.utils import atomic_path
 
 
@@ -71,16 +73,16 @@ def generate_class_images(
     written: list[Path] = []
     if todo:
         pipe.to(state.device)
-        pipe.set_progress_bar_config(disable=True)
         with state.split_between_processes(todo) as mine:
+            # one generate call per batch, its images written before the next batch is drawn: what an
+            # interruption loses is at most one batch
             batches = [mine[i : i + sample_batch_size] for i in range(0, len(mine), sample_batch_size)]
             bar = tqdm(batches, desc="class images", disable=not (progress and state.is_local_main_process))
             for batch in bar:
-                generators = [torch.Generator(state.device).manual_seed(seed + i) for i in batch]
-                images = pipe(
-                    prompt=[prompts[i % len(prompts)] for i in batch], generator=generators, height=resolution,
-                    width=resolution, num_inference_steps=num_inference_steps,
-                ).images
+                images = generate(
+                    pipe, [prompts[i % len(prompts)] for i in batch], [seed + i for i in batch], height=resolution,
+                    width=resolution, num_inference_steps=num_inference_steps, batch_size=sample_batch_size,
+                )
                 for i, img in zip(batch, images):
                     path = Path(class_data_dir) / class_image_name(i)
                     if not isinstance(class_prompt, str):

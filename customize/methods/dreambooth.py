@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from customize.data import PairedDataset, cache_features, collate_examples, dreambooth_dataset
+from customize.inference import generate
 from customize.training import sd
 from customize.training.config import SDTrainConfig
 
@@ -132,19 +133,19 @@ def loss(pipe, batch, cfg: DreamBoothConfig):
 
 
 def validate(pipe, cfg: DreamBoothConfig, step: int):
-    """Images of the validation prompt from the model as it is now, from a fixed seed so steps are comparable
-    (the engine calls this under no_grad with the trained modules in eval mode), under the training autocast."""
+    """Images of the validation prompt from the model as it is now, image i from the seed cfg.seed + i (the one
+    rule of `customize.inference.generate`), so the same image of every validation step is comparable (the
+    engine calls this under no_grad with the trained modules in eval mode), under the training autocast."""
     if not cfg.validation_prompt:
         return []
-    pipe.set_progress_bar_config(disable=True)
     device = sd.first_parameter(pipe.unet).device
     dtype = AUTOCAST_DTYPES.get(cfg.mixed_precision)
+    n = cfg.num_validation_images
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        return pipe(
-            cfg.validation_prompt, num_images_per_prompt=cfg.num_validation_images,
-            generator=torch.Generator(device).manual_seed(cfg.seed), num_inference_steps=cfg.validation_inference_steps,
-            height=cfg.resolution, width=cfg.resolution,
-        ).images
+        return generate(
+            pipe, [cfg.validation_prompt] * n, [cfg.seed + i for i in range(n)],
+            num_inference_steps=cfg.validation_inference_steps, height=cfg.resolution, width=cfg.resolution,
+        )
 
 
 def save(pipe, cfg: DreamBoothConfig, out_dir):

@@ -403,7 +403,8 @@ class TextualInversion:
         self._require_tokens().restore_frozen_rows()
 
     def validate(self, pipe, cfg: TextualInversionConfig, step: int):
-        """DreamBooth's validation images (fixed seed, training autocast) of the prompt with S* filled in."""
+        """DreamBooth's validation images (image i from the seed cfg.seed + i, under the training autocast) of the
+        prompt with S* filled in."""
         if not cfg.validation_prompt:
             return []
         prompt = validation_prompt(cfg.validation_prompt, cfg.placeholder_token)

@@ -19,9 +19,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 from PIL import Image
 
+from customize.inference import generate
 from customize.toy import probes, world
 
 EVAL_GUIDANCE = 4.0  # classifier-free guidance scale used for every score
@@ -29,22 +29,12 @@ EVAL_STEPS = 20  # DDIM steps
 BASE_ATTRIBUTES = ("colour", "shape", "background")
 
 
-@torch.no_grad()
 def sample(pipe, prompts: Sequence[str], seeds: Sequence[int] | None = None, guidance_scale: float = EVAL_GUIDANCE,
            num_inference_steps: int = EVAL_STEPS, batch_size: int = 64) -> list[Image.Image]:
     """One image per prompt, image i from a generator seeded with seeds[i] (default: i), so an image does not
-    depend on the batch it was generated in."""
-    prompts = list(prompts)
-    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
-    if len(seeds) != len(prompts):
-        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
-    pipe.set_progress_bar_config(disable=True)
-    images: list[Image.Image] = []
-    for start in range(0, len(prompts), batch_size):
-        gens = [torch.Generator(pipe.device).manual_seed(s) for s in seeds[start:start + batch_size]]
-        images += pipe(prompts[start:start + batch_size], generator=gens, guidance_scale=guidance_scale,
-                       num_inference_steps=num_inference_steps).images
-    return images
+    depend on the batch it was generated in: `customize.inference.generate` at the scoring settings."""
+    return generate(pipe, prompts, seeds, guidance_scale=guidance_scale,
+                    num_inference_steps=num_inference_steps, batch_size=batch_size)
 
 
 def attribute_accuracy(readings: Sequence[probes.Reading], expected: Sequence[dict],

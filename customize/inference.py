@@ -1,0 +1,119 @@
+"""Sampling from a diffusers pipeline with one seeding rule: image i comes from its own generator, seeded with
+seeds[i], so an image is a function of (model, prompt, seed, settings) only: not of the batch it was drawn in,
+nor of the images drawn before it.
+
+Every place that samples through a pipeline goes through `generate`: `customize generate`, the class images of
+prior preservation, the methods' validation images and the toy-world scores (`customize.toy.quality.sample`).
+
+Batch invariance: the pipeline draws the initial latents (and a stochastic scheduler its step noise) one batch
+row per generator, so image i's noise is the same in any batch. The network's arithmetic is not bitwise the
+same across batch shapes (the blocking of a batched matmul or convolution depends on the batch size and the
+thread count): an image drawn alone and in a batch of 3 agree to ~1e-6, so an 8-bit pixel moves by at most one
+level, and rarely; with the same batch shape the images are bitwise equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def generation_device(pipe) -> torch.device:
+    """Where the pipeline draws its noise: its execution device (the offload hooks' device under CPU offload),
+    for a pipeline without one its `device`. On MPS the generators live on the CPU, as `customize generate`
+    has always drawn them there (diffusers then draws on the CPU and moves the noise), so an image drawn on a
+    Mac equals the CPU's up to float rounding."""
+    device = getattr(pipe, "_execution_device", None) or pipe.device
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def generate(
+    pipe,
+    prompts: str | Sequence[str],
+    seeds: Sequence[int] | None = None,
+    *,
+    negative_prompt: str | Sequence[str] | None = None,
+    guidance_scale: float | None = None,
+    num_inference_steps: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+    output_type: str = "pil",
+    **pipe_kwargs,
+) -> list:
+    """One image per prompt, image i drawn from `torch.Generator(device).manual_seed(seeds[i])` (the pipeline gets
+    a list of generators, one per image of the batch), in batches of `batch_size` prompts.
+
+    prompts         a list of prompts, or one str (one image); repeat a prompt for several images of it.
+    seeds           one int per prompt; default range(len(prompts)). Another length is a ValueError.
+    negative_prompt one str for every image, or one per prompt.
+    guidance_scale, num_inference_steps, height, width
+                    passed to the pipeline when given; left None, the pipeline's defaults apply.
+    progress        a tqdm bar over the images; the pipeline's own per-step bar is off during the call either
+                    way, and its progress-bar config is put back afterwards.
+    output_type     the pipeline's: "pil" gives PIL images; "np" / "pt" / "latent" give one array or tensor per
+                    image (the batch's rows).
+    pipe_kwargs     passed unchanged to every batch's pipeline call (cross_attention_kwargs, callback_on_step_end,
+                    prompt_2 for SDXL, ...): per-image values do not belong here, since each call sees one batch.
+                    num_images_per_prompt and generator are refused: the prompts and seeds say what to draw.
+
+    Works for SD 1.x/2.x, SDXL and any diffusers pipeline whose call takes `prompt` and `generator`. Runs under
+    the pipeline's own no_grad; autocast or attention processors set by the caller stay in force.
+
+    Example:
+        from customize.inference import generate
+        from customize.models import load_pipeline
+
+        pipe = load_pipeline("stabilityai/stable-diffusion-xl-base-1.0").to("cuda")
+        images = generate(pipe, ["a watercolor fox"] * 4 + ["a red bicycle"], seeds=[0, 1, 2, 3, 0],
+                          negative_prompt="blurry", guidance_scale=7.0, num_inference_steps=30,
+                          height=1024, width=1024, batch_size=4, progress=True)
+        images[4].save("bicycle-seed0.png")  # the same picture as generate(pipe, "a red bicycle", [0], ...)
+    """
+    from tqdm.auto import tqdm
+
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    seeds = list(range(len(prompts))) if seeds is None else [int(s) for s in seeds]
+    if len(seeds) != len(prompts):
+        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt (image)")
+    if negative_prompt is None or isinstance(negative_prompt, str):
+        negatives = None if negative_prompt is None else [negative_prompt] * len(prompts)
+    else:
+        negatives = list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts; give one str or "
+                             "one per prompt")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for name in ("num_images_per_prompt", "generator"):
+        if name in pipe_kwargs:
+            raise ValueError(f"generate draws one image per prompt from its seed: pass no {name} (repeat a prompt "
+                             "for several images, give the seeds in `seeds`)")
+    settings = {"guidance_scale": guidance_scale, "num_inference_steps": num_inference_steps,
+                "height": height, "width": width}
+    call_kwargs = {k: v for k, v in settings.items() if v is not None}
+    call_kwargs.update(pipe_kwargs, output_type=output_type)
+
+    device = generation_device(pipe)
+    saved = getattr(pipe, "_progress_bar_config", None)  # what set_progress_bar_config stored, if ever called
+    pipe.set_progress_bar_config(**{**(saved or {}), "disable": True})
+    images: list = []
+    try:
+        with tqdm(total=len(prompts), desc="generating", unit="image", disable=not progress) as bar:
+            for start in range(0, len(prompts), batch_size):
+                batch = slice(start, start + batch_size)
+                generators = [torch.Generator(device).manual_seed(s) for s in seeds[batch]]
+                if negatives is not None:
+                    call_kwargs["negative_prompt"] = negatives[batch]
+                out = pipe(prompt=prompts[batch], generator=generators, **call_kwargs)
+                images.extend(out.images)  # a list of PIL images, or the rows of an array / tensor
+                bar.update(len(generators))
+    finally:
+        if saved is None:  # never configured before: unconfigured again
+            vars(pipe).pop("_progress_bar_config", None)
+        else:
+            pipe._progress_bar_config = saved
+    return images
