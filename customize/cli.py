@@ -27,7 +27,7 @@ Personalise and edit Stable Diffusion 1.x / 2.x and SDXL models.
 examples:
   customize generate -m stable-diffusion-v1-5/stable-diffusion-v1-5 --prompt "a photo of a dog" --out out/
   customize generate -m tiny-sd --prompt "a red circle" --steps 4        (a tiny in-memory model, no download)
-  customize inspect my_lora.safetensors                                  (format, family, rank, alpha, metadata)
+  customize inspect my_lora.safetensors                                  (format, family, rank, alpha, per block)
   customize convert pytorch_lora_weights.safetensors my_lora.safetensors --to kohya
   customize merge dog.safetensors style.safetensors:0.7 --method ties --rank 16 -o dog_style.safetensors
   customize demo                                                         (the toy-world demo)
@@ -66,10 +66,16 @@ Describe a weights file: a LoRA (format, base family, ranks, alphas, target modu
 metadata), a textual-inversion embedding (token, vectors, family), or any other .safetensors / torch file
 (tensor names, shapes, dtypes, metadata). Pickled files are opened with torch.load(weights_only=True) only.
 
+A LoRA's summary ends with a table of its UNet blocks (and text encoders): the update norm ||dW||_F of each
+block's modules together, dW = (alpha / rank) * up @ down, its A1111 LoRA Block Weight id, and its share of the
+summed squared norms, which says where the LoRA changes the model (B-LoRA, SDXL: up_blocks.0.attentions.0 is
+content, up_blocks.0.attentions.1 style). --plot draws the same numbers as a bar chart.
+
 examples:
   customize inspect pytorch_lora_weights.safetensors
   customize inspect output/dog-lora/                 (a folder with pytorch_lora_weights.safetensors)
   customize inspect learned_embeds.safetensors --json
+  customize inspect my_lora.safetensors --plot my_lora_blocks.png      (the per-block norms as a bar chart)
 """
 
 CONVERT_HELP = """\
@@ -389,7 +395,7 @@ def _describe_file(path: str | os.PathLike) -> dict:
             if len(found) == 1:  # a kohya LoRA from training (--lora_format kohya) is named after its folder
                 return _describe_file(found[0])
             raise FileNotFoundError(f"{path}: no {LORA_WEIGHT_NAME} or {EMBEDDING_WEIGHT_NAME} in this folder")
-        info = inspect_lora(path)
+        info = inspect_lora(path, blocks=True)
         return {"kind": "lora", **asdict(info), "summary": info.summary()}
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
@@ -399,7 +405,7 @@ def _describe_file(path: str | os.PathLike) -> dict:
         from customize.formats import detect_lora_format
 
         detect_lora_format(tensors)
-        info = inspect_lora(path)
+        info = inspect_lora(path, blocks=True)
         return {"kind": "lora", **asdict(info), "summary": info.summary()}
     except FormatError as e:
         not_lora = str(e)
@@ -417,12 +423,50 @@ def _describe_file(path: str | os.PathLike) -> dict:
             "metadata": metadata, "summary": "\n".join(lines)}
 
 
+PLOT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def _plot_output(spec: str, overwrite: bool) -> Path:
+    """--plot OUT, checked before anything is read: an image suffix (so never the weights file being inspected),
+    and no existing file unless --overwrite."""
+    out = Path(spec)
+    if out.suffix.lower() not in PLOT_SUFFIXES:
+        raise ValueError(f"--plot {spec}: give an image path ending in {' / '.join(PLOT_SUFFIXES)}, e.g. blocks.png")
+    if out.is_dir():
+        raise IsADirectoryError(f"--plot {spec} is a folder; give an image path such as {out / 'blocks.png'}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists: pass --overwrite to replace it, or give another --plot path")
+    return out
+
+
+def block_chart(result: dict):
+    """The bar chart of a LoRA's per-block update norms (`inspect_file`'s "blocks"), labels with their LBW ids."""
+    from customize.plots import bar_chart
+
+    rows = result["blocks"]
+    labels = [f"{r['block']} ({r['lbw']})" if r["lbw"] else r["block"] for r in rows]
+    return bar_chart(labels, [r["norm"] for r in rows], title=f"{Path(result['path']).name}: LoRA update per block",
+                     value_label="||dW||_F of the block's modules, dW = (alpha / rank) * up @ down")
+
+
 def cmd_inspect(args) -> int:
+    out = _plot_output(args.plot, args.overwrite) if args.plot else None
     result = inspect_file(args.file)
+    if out is not None:
+        from customize.formats import FormatError
+        from customize.plots import save_chart
+
+        if result["kind"] != "lora":
+            what = "an embedding" if result["kind"] == "embedding" else "a plain tensor file"
+            raise FormatError(f"--plot: {result['path']} is {what}, not a LoRA; only a LoRA has per-block update "
+                              "norms to plot")
+        result["plot"] = str(save_chart(block_chart(result), out))
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "summary"}, indent=2, default=str))
     else:
         print(result["summary"])
+        if out is not None:
+            print(f"wrote {out}: {len(result['blocks'])} blocks")
     return 0
 
 
@@ -594,6 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="describe a LoRA, embedding or safetensors file", description=INSPECT_HELP, formatter_class=fmt)
     i.add_argument("file", help="the file (or a folder with pytorch_lora_weights.safetensors / learned_embeds.safetensors)")
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
+    i.add_argument("--plot", metavar="OUT.png", help="a LoRA: write a bar chart of its update norm per block")
+    i.add_argument("--overwrite", action="store_true", help="replace the --plot image when it exists")
     i.set_defaults(func=cmd_inspect)
 
     c = sub.add_parser("convert", help="convert a LoRA between diffusers, PEFT and kohya", description=CONVERT_HELP, formatter_class=fmt)

@@ -4,7 +4,6 @@ keep dW = (alpha / r) B A exactly, families are told apart, and bad files are re
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig
 
 from customize.formats import (
     FormatError,
@@ -25,36 +24,10 @@ from customize.formats import (
     save_lora,
 )
 from customize.formats import lora as lora_mod
-from customize.models import tiny_pipeline
 from customize.utils import save_safetensors_atomic
+from tests.lora_helpers import add_lora, tiny_pipe
 
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1", "time_emb_proj"]
-TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
 PROMPT = "a photo of sks dog"
-
-
-def _pipe(kind):
-    pipe = tiny_pipeline(kind)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _add_lora(pipe, seed=1, alpha_pattern=None):
-    """peft adapters on every component, with a rank pattern, conv layers and random B (so dW != 0).
-    alpha is uniform per component unless `alpha_pattern` is given: diffusers' kohya reader drops per-module
-    alphas of attention projections (its network_alphas names for to_q/k/v/out miss), so kohya files with
-    mixed alphas are checked against our reader only (test_alpha_patterns_survive_every_format)."""
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=2, target_modules=UNET_TARGETS,
-                                     rank_pattern={"proj_in": 2}, alpha_pattern=alpha_pattern or {}))
-    pipe.text_encoder.add_adapter(LoraConfig(r=2, lora_alpha=3, target_modules=TE_TARGETS))
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        pipe.text_encoder_2.add_adapter(LoraConfig(r=2, lora_alpha=1, target_modules=TE_TARGETS))
-    g = torch.Generator().manual_seed(seed)
-    for comp in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
-        for name, p in comp.named_parameters() if comp is not None else ():
-            if "lora_B" in name:
-                p.data = torch.randn(p.shape, generator=g) * 0.3
-    return pipe
 
 
 def _image(pipe):
@@ -80,7 +53,7 @@ def lora_pipes():
     """{kind: (pipe with adapters, its image, its LoraState)}, built once."""
     out = {}
     for kind in ("sd", "sdxl"):
-        pipe = _add_lora(_pipe(kind))
+        pipe = add_lora(tiny_pipe(kind))
         out[kind] = (pipe, _image(pipe), lora_state_from_model(pipe))
     return out
 
@@ -106,7 +79,7 @@ def test_state_from_model_equals_peft_delta(lora_pipes):
 
 
 def test_alpha_patterns_survive_every_format(tmp_path):
-    pipe = _add_lora(_pipe("sd"), alpha_pattern={"to_k": 8, "conv1": 0.5})
+    pipe = add_lora(tiny_pipe("sd"), alpha_pattern={"to_k": 8, "conv1": 0.5})
     state = lora_state_from_model(pipe)
     assert {v.alpha for k, v in state.layers.items() if k.endswith("attn2.to_k")} == {8.0}
     assert {v.alpha for k, v in state.layers.items() if k.endswith("conv1")} == {0.5}
@@ -115,7 +88,7 @@ def test_alpha_patterns_survive_every_format(tmp_path):
         for key, layer in state.layers.items():
             assert back.layers[key].alpha == layer.alpha and torch.equal(back.layers[key].delta(), layer.delta())
         if fmt != "kohya":  # the adapter metadata carries the pattern into diffusers' loader
-            fresh = _pipe("sd")
+            fresh = tiny_pipe("sd")
             fresh.load_lora_weights(str(tmp_path / f"{fmt}.safetensors"))
             theirs = _peft_deltas(fresh)
             for key, layer in state.layers.items():
@@ -125,16 +98,16 @@ def test_alpha_patterns_survive_every_format(tmp_path):
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
 def test_every_format_loads_in_diffusers_with_the_same_image(kind, lora_pipes, tmp_path):
     _, ref, state = lora_pipes[kind]
-    base = _image(_pipe(kind))
+    base = _image(tiny_pipe(kind))
     assert np.abs(ref - base).max() > 1e-3, "the LoRA must change the image for this test to mean anything"
-    layout = UNetLayout.from_config(_pipe(kind).unet.config)
+    layout = UNetLayout.from_config(tiny_pipe(kind).unet.config)
     for fmt in ("diffusers", "peft", "kohya"):
         path = save_lora(state, tmp_path / f"{fmt}.safetensors", fmt, layout=layout)
         back = read_lora(path, layout)
         assert back.format == fmt and set(back.layers) == set(state.layers)
         for key, layer in state.layers.items():
             assert torch.equal(back.layers[key].delta(), layer.delta()), key
-        fresh = _pipe(kind)
+        fresh = tiny_pipe(kind)
         fresh.load_lora_weights(str(path))
         np.testing.assert_allclose(_image(fresh), ref, atol=1e-5, err_msg=f"{fmt} file gives another image")
 
@@ -205,7 +178,7 @@ def _kohya_by_hand(pipe, names: dict, rank=3, alpha: float | None = 1.0) -> dict
 @pytest.mark.parametrize("alpha", [1.0, None])
 @pytest.mark.parametrize("kind,names", [("sd", KOHYA_SD), ("sdxl", KOHYA_SDXL)])
 def test_hand_built_kohya_file_gives_diffusers_delta(kind, names, alpha, tmp_path):
-    pipe = _pipe(kind)
+    pipe = tiny_pipe(kind)
     path = save_safetensors_atomic(_kohya_by_hand(pipe, names, alpha=alpha), tmp_path / "kohya.safetensors")
     ours = read_lora(path, UNetLayout.from_config(pipe.unet.config))
     assert ours.format == "kohya"
@@ -285,7 +258,7 @@ def test_family_and_format_detected_from_keys_and_shapes(family, fmt, tmp_path):
 
 
 def test_wrong_family_refused_naming_both(lora_pipes, tmp_path):
-    sd, sdxl = _pipe("sd"), _pipe("sdxl")
+    sd, sdxl = tiny_pipe("sd"), tiny_pipe("sdxl")
     xl_file = save_lora(_synthetic("sdxl", "kohya"), tmp_path / "xl.safetensors", "kohya", family="sdxl")
     with pytest.raises(LoraCompatibilityError, match=r"SDXL.*but the model is SD 1\.x"):
         check_lora_compatible(sd, xl_file)
@@ -303,7 +276,7 @@ def test_wrong_family_refused_naming_both(lora_pipes, tmp_path):
 
 
 def test_conversion_keeps_alpha_and_metadata(tmp_path):
-    pipe = _pipe("sd")
+    pipe = tiny_pipe("sd")
     src = save_safetensors_atomic(_kohya_by_hand(pipe, KOHYA_SD, rank=4, alpha=1.0), tmp_path / "k.safetensors",
                                   {"ss_network_alpha": "1", "ss_output_name": "dog", "modelspec.title": "dog"})
     with pytest.raises(FormatError, match="family"):  # tiny widths: kohya names need the family
@@ -357,7 +330,7 @@ def test_non_finite_weights_are_refused_naming_the_tensor_and_still_inspected(tm
         read_embedding(emb)
     assert read_embedding(emb, finite=False).token == "<t>"
     with pytest.raises(FormatError, match="weight nan is not a finite number"):
-        load_lora_files(_pipe("sd"), [(lora, float("nan"))])
+        load_lora_files(tiny_pipe("sd"), [(lora, float("nan"))])
     with pytest.raises(FormatError, match="is the input file"):
         convert_lora(lora, lora, "peft")
 
@@ -387,7 +360,7 @@ def _prompt_embeds(pipe, prompt):
 def test_embedding_round_trip_matches_load_textual_inversion(kind, layout, tmp_path):
     from safetensors.torch import load_file
 
-    ours, theirs = _pipe(kind), _pipe(kind)
+    ours, theirs = tiny_pipe(kind), tiny_pipe(kind)
     vectors, token = _vectors(ours), "<cat-toy>"
     target = tmp_path / ("emb" if layout == "diffusers" else "cat-toy.safetensors")
     files = save_embedding(target, token, vectors, layout=layout)
@@ -417,19 +390,19 @@ def test_embedding_round_trip_matches_load_textual_inversion(kind, layout, tmp_p
     torch.testing.assert_close(mine, ref, rtol=0, atol=0)
     if kind == "sdxl":
         torch.testing.assert_close(pooled, ref_pooled, rtol=0, atol=0)
-    plain, _ = _prompt_embeds(_pipe(kind), prompt)
+    plain, _ = _prompt_embeds(tiny_pipe(kind), prompt)
     assert not torch.allclose(mine, plain)  # the token was really learned-vector conditioned
 
 
 def test_a1111_pt_read_and_pickled_objects_refused(tmp_path):
-    pipe = _pipe("sd")
+    pipe = tiny_pipe("sd")
     vec = _vectors(pipe, n=3)["text_encoder"]
     pt = tmp_path / "style.pt"
     torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vec}, "name": "mystyle", "step": 1500,
                 "sd_checkpoint": "a9263745", "sd_checkpoint_name": "v1-5-pruned"}, pt)
     emb = read_embedding(pt)
     assert (emb.token, emb.format) == ("mystyle", "a1111") and torch.equal(emb.vectors["text_encoder"], vec)
-    theirs = _pipe("sd")
+    theirs = tiny_pipe("sd")
     theirs.load_textual_inversion(str(pt))
     load_embedding_into(pipe, pt)
     prompt = "a painting in the style of mystyle"
@@ -447,7 +420,7 @@ class _Payload:
 
 
 def test_embedding_errors_width_vocabulary_family(tmp_path):
-    sd, sdxl = _pipe("sd"), _pipe("sdxl")
+    sd, sdxl = tiny_pipe("sd"), tiny_pipe("sdxl")
     wide = save_embedding(tmp_path / "wide", "<w>", torch.zeros(1, 768))[0]
     with pytest.raises(FormatError, match=r"768 wide.*32 wide"):
         load_embedding_into(sd, wide)

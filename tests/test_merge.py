@@ -24,8 +24,8 @@ from customize.formats import (
 from customize.formats.lora_load import find_module
 from customize.formats.lora_merge import SD_LAYOUT, SDXL_LAYOUT, lbw_block
 from customize.formats.lora_state import split_key
-from customize.models import tiny_pipeline
 from customize.utils import save_safetensors_atomic
+from tests.lora_helpers import random_layer, tiny_pipe
 from tests.bad_input import assert_refused, customize as run_customize, listing
 
 PROMPT = "a photo of sks dog"
@@ -33,18 +33,12 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
 
 
-def _layer(g, r, out=12, inn=10, conv=False, alpha=None):
-    down = torch.randn(r, inn, 3, 3, generator=g) if conv else torch.randn(r, inn, generator=g)
-    up = torch.randn(out, r, 1, 1, generator=g) if conv else torch.randn(out, r, generator=g)
-    return LoraLayer(down, up, float(alpha if alpha is not None else r / 2))
-
-
 def _pair():
     """Two small LoRAs sharing one module, each with one of its own (one a convolution)."""
     g = torch.Generator().manual_seed(0)
     shared = "unet.down_blocks.0.attentions.0.proj_in"
-    a = LoraState({shared: _layer(g, 2), "unet.down_blocks.0.resnets.0.conv1": _layer(g, 3, conv=True)})
-    b = LoraState({shared: _layer(g, 4, alpha=1.0), "unet.mid_block.attentions.0.proj_out": _layer(g, 1)})
+    a = LoraState({shared: random_layer(g, 2), "unet.down_blocks.0.resnets.0.conv1": random_layer(g, 3, conv=True)})
+    b = LoraState({shared: random_layer(g, 4, alpha=1.0), "unet.mid_block.attentions.0.proj_out": random_layer(g, 1)})
     return a, b
 
 
@@ -179,8 +173,8 @@ def test_block_weights_lbw_mapping_presets_and_diffusers_names():
         block_weights(",".join(["1"] * 12), keys, "sd1")
     # per-LoRA block weights in a merge: content of one, style of the other
     g = torch.Generator().manual_seed(3)
-    a = LoraState({k: _layer(g, 2) for k in xl_keys})
-    b = LoraState({k: _layer(g, 2) for k in xl_keys})
+    a = LoraState({k: random_layer(g, 2) for k in xl_keys})
+    b = LoraState({k: random_layer(g, 2) for k in xl_keys})
     merged, _ = merge_loras([a, b], blocks=["BLORA_CONTENT", "BLORA_STYLE"])
     c, s = "unet.up_blocks.0.attentions.0.proj_in", "unet.up_blocks.0.attentions.1.proj_in"
     assert (merged.layers[c].delta() - a.layers[c].delta()).abs().max() <= 1e-5
@@ -198,14 +192,8 @@ def test_api_is_reexported():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _pipe(kind):
-    pipe = tiny_pipeline(kind)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _trained_state(kind, seed):
-    pipe = _pipe(kind)
+    pipe = tiny_pipe(kind)
     pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=2, target_modules=UNET_TARGETS))
     pipe.text_encoder.add_adapter(LoraConfig(r=2, lora_alpha=3, target_modules=TE_TARGETS))
     g = torch.Generator().manual_seed(seed)
@@ -222,7 +210,7 @@ def _image(pipe):
 
 def _image_with_delta(kind, state):
     """The merged dW added to a fresh pipeline's weights in memory."""
-    pipe = _pipe(kind)
+    pipe = tiny_pipe(kind)
     with torch.no_grad():
         for key, layer in state.layers.items():
             module = find_module(pipe, *split_key(key))
@@ -236,14 +224,14 @@ def test_merged_file_loads_in_diffusers_with_the_image_of_the_merged_delta(kind,
     a, b = _trained_state(kind, 1), _trained_state(kind, 2)
     merged, _ = merge_loras([a, b], weights=[0.8, 0.6], method=method, **({"rank": 3} if method == "svd" else {}))
     ref = _image_with_delta(kind, merged)
-    assert np.abs(ref - _image(_pipe(kind))).max() > 1e-3, "the merge must change the image for the test to mean anything"
-    layout = UNetLayout.from_config(_pipe(kind).unet.config)
+    assert np.abs(ref - _image(tiny_pipe(kind))).max() > 1e-3, "the merge must change the image for the test to mean anything"
+    layout = UNetLayout.from_config(tiny_pipe(kind).unet.config)
     for fmt in formats:
         path = save_lora(merged, tmp_path / f"{fmt}.safetensors", fmt, layout=layout,
                          family="sd1" if kind == "sd" else "sdxl")
         back = read_lora(path, layout)
         assert set(back.layers) == set(merged.layers)
-        fresh = _pipe(kind)
+        fresh = tiny_pipe(kind)
         fresh.load_lora_weights(str(path))
         np.testing.assert_allclose(_image(fresh), ref, atol=1e-4, err_msg=f"{fmt} file gives another image")
 

@@ -11,6 +11,7 @@ from customize.formats.embeddings import (
     save_embedding,
 )
 from customize.formats.kohya_names import UNetLayout
+from customize.formats.lora_blocks import BlockNorm, block_norms
 from customize.formats.lora_detect import detect_lora_family, detect_lora_format
 from customize.formats.lora_load import (
     LoraCompatibilityError,
@@ -29,5 +30,5 @@ __all__ = [
     "LoraCompatibilityError", "LoraInfo", "LoraLayer", "LoraState", "UNetLayout", "check_lora_compatible",
     "convert_lora", "detect_lora_family", "detect_lora_format", "inspect_lora", "load_lora_files",
     "lora_state_from_model", "read_lora", "save_lora", "LoraTraining",
-    "MergeReport", "block_weights", "merge_loras", "scale_lora",
+    "MergeReport", "block_weights", "merge_loras", "scale_lora", "BlockNorm", "block_norms",
 ]

@@ -1,0 +1,46 @@
+"""Small LoRAs for tests: tiny SD / SDXL pipelines, random LoRA layers, and peft adapters with random B on every
+component of a tiny pipeline. Imported by tests/test_formats.py, tests/test_merge.py and
+tests/test_inspect_blocks.py."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig
+
+from customize.formats import LoraLayer
+from customize.models import tiny_pipeline
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1", "time_emb_proj"]
+TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
+
+
+def tiny_pipe(kind):
+    """The tiny seeded pipeline of `kind` ("sd" / "sdxl"), progress bar off."""
+    pipe = tiny_pipeline(kind)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def random_layer(g, r, out=12, inn=10, conv=False, alpha=None):
+    """A LoRA layer with random A and B (a 3x3 convolution's when `conv`), alpha r / 2 unless given."""
+    down = torch.randn(r, inn, 3, 3, generator=g) if conv else torch.randn(r, inn, generator=g)
+    up = torch.randn(out, r, 1, 1, generator=g) if conv else torch.randn(out, r, generator=g)
+    return LoraLayer(down, up, float(alpha if alpha is not None else r / 2))
+
+
+def add_lora(pipe, seed=1, alpha_pattern=None):
+    """peft adapters on every component, with a rank pattern, conv layers and random B (so dW != 0).
+    alpha is uniform per component unless `alpha_pattern` is given: diffusers' kohya reader drops per-module
+    alphas of attention projections (its network_alphas names for to_q/k/v/out miss), so kohya files with
+    mixed alphas are checked against our reader only (test_formats.py: test_alpha_patterns_survive_every_format)."""
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=2, target_modules=UNET_TARGETS,
+                                     rank_pattern={"proj_in": 2}, alpha_pattern=alpha_pattern or {}))
+    pipe.text_encoder.add_adapter(LoraConfig(r=2, lora_alpha=3, target_modules=TE_TARGETS))
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pipe.text_encoder_2.add_adapter(LoraConfig(r=2, lora_alpha=1, target_modules=TE_TARGETS))
+    g = torch.Generator().manual_seed(seed)
+    for comp in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        for name, p in comp.named_parameters() if comp is not None else ():
+            if "lora_B" in name:
+                p.data = torch.randn(p.shape, generator=g) * 0.3
+    return pipe
