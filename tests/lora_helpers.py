@@ -1,6 +1,6 @@
 """Small LoRAs for tests: tiny SD / SDXL pipelines, random LoRA layers, and peft adapters with random B on every
-component of a tiny pipeline. Imported by tests/test_formats.py, tests/test_merge.py and
-tests/test_inspect_blocks.py."""
+component of a tiny pipeline. Imported by tests/test_formats.py, tests/test_merge.py,
+tests/test_inspect_blocks.py and tests/test_ziplora.py."""
 
 from __future__ import annotations
 
@@ -44,3 +44,51 @@ def add_lora(pipe, seed=1, alpha_pattern=None):
             if "lora_B" in name:
                 p.data = torch.randn(p.shape, generator=g) * 0.3
     return pipe
+
+
+# the LoRA a merge test trains on: attention, proj_in and a ResNet convolution in the UNet, attention and fc1 in
+# the text encoder
+STATE_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"]
+PROMPT = "a photo of sks dog"
+
+
+def trained_state(kind, seed, unet_targets=STATE_UNET_TARGETS, te_targets=TE_TARGETS, rank=4, alpha=2, te_rank=2,
+                  te_alpha=3):
+    """A LoraState as peft would train it (B random instead of zero), read back with lora_state_from_model;
+    te_targets=() for a UNet-only LoRA."""
+    from customize.formats import lora_state_from_model
+
+    pipe = tiny_pipe(kind)
+    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(unet_targets)))
+    comps = [pipe.unet]
+    if te_targets:
+        pipe.text_encoder.add_adapter(LoraConfig(r=te_rank, lora_alpha=te_alpha, target_modules=list(te_targets)))
+        comps.append(pipe.text_encoder)
+    g = torch.Generator().manual_seed(seed)
+    for comp in comps:
+        for name, p in comp.named_parameters():
+            if "lora_B" in name:
+                p.data = torch.randn(p.shape, generator=g) * 0.3
+    return lora_state_from_model(pipe)
+
+
+def image(pipe, prompt=PROMPT):
+    """(1, H, W, 3) float image of `prompt` after 2 steps from seed 0."""
+    return pipe(prompt, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
+
+
+def add_delta(pipe, state):
+    """Add every module's dW to the pipeline's weights in memory (the reference a LoRA file must reproduce)."""
+    from customize.formats.lora_load import find_module
+    from customize.formats.lora_state import split_key
+
+    with torch.no_grad():
+        for key, layer in state.layers.items():
+            module = find_module(pipe, *split_key(key))
+            module.weight += layer.delta().reshape(module.weight.shape).to(module.weight.dtype)
+    return pipe
+
+
+def image_with_delta(kind, state, prompt=PROMPT):
+    """The image of a fresh tiny pipeline with `state`'s dW added to its weights."""
+    return image(add_delta(tiny_pipe(kind), state), prompt)

@@ -6,7 +6,6 @@ input to the command is refused in one line with nothing written."""
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig
 
 import customize
 from customize.formats import (
@@ -15,22 +14,17 @@ from customize.formats import (
     LoraState,
     UNetLayout,
     block_weights,
-    lora_state_from_model,
     merge_loras,
     read_lora,
     save_lora,
     scale_lora,
 )
-from customize.formats.lora_load import find_module
 from customize.formats.lora_merge import SD_LAYOUT, SDXL_LAYOUT, lbw_block
-from customize.formats.lora_state import split_key
 from customize.utils import save_safetensors_atomic
-from tests.lora_helpers import random_layer, tiny_pipe
+from tests.lora_helpers import image as _image, image_with_delta as _image_with_delta, random_layer, tiny_pipe
+from tests.lora_helpers import trained_state as _trained_state
 from tests.bad_input import assert_refused, customize as run_customize, listing
 
-PROMPT = "a photo of sks dog"
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"]
-TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
 
 
 def _pair():
@@ -190,32 +184,6 @@ def test_api_is_reexported():
 # ---------------------------------------------------------------------------------------------------------------
 # merged files in a plain diffusers pipeline
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _trained_state(kind, seed):
-    pipe = tiny_pipe(kind)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=2, target_modules=UNET_TARGETS))
-    pipe.text_encoder.add_adapter(LoraConfig(r=2, lora_alpha=3, target_modules=TE_TARGETS))
-    g = torch.Generator().manual_seed(seed)
-    for comp in (pipe.unet, pipe.text_encoder):
-        for name, p in comp.named_parameters():
-            if "lora_B" in name:
-                p.data = torch.randn(p.shape, generator=g) * 0.3
-    return lora_state_from_model(pipe)
-
-
-def _image(pipe):
-    return pipe(PROMPT, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
-
-
-def _image_with_delta(kind, state):
-    """The merged dW added to a fresh pipeline's weights in memory."""
-    pipe = tiny_pipe(kind)
-    with torch.no_grad():
-        for key, layer in state.layers.items():
-            module = find_module(pipe, *split_key(key))
-            module.weight += layer.delta().reshape(module.weight.shape).to(module.weight.dtype)
-    return _image(pipe)
 
 
 @pytest.mark.parametrize("kind,method,formats", [("sd", "concat", ("diffusers", "peft", "kohya")),

@@ -16,7 +16,7 @@ from customize.formats.lora_load import find_module
 from customize.formats.lora_state import split_key
 from customize.methods import ziplora
 from tests.bad_input import assert_refused, listing, recipe
-from tests.lora_fixtures import add_delta, image, image_with_delta, make_pipe, trained_state
+from tests.lora_helpers import add_delta, image, image_with_delta, tiny_pipe as make_pipe, trained_state
 
 # The two LoRAs adapt overlapping modules (to_k, and the text encoder's q_proj) and some of their own, one of
 # them convolutions: the merge runs over the union.

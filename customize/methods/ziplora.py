@@ -528,7 +528,7 @@ def export(pipe, cfg: ZipLoRAConfig, out_dir) -> dict[str, Path]:
     out_dir = Path(out_dir)
     return {
         "lora": save_lora(state, out_dir / cfg.lora_file_name(), cfg.lora_format, family=family, layout=layout,
-                          training=training),
+                          training=training, metadata={"customize.merge": state.metadata["customize.merge"]}),
         "vectors": save_vectors(vectors, out_dir / VECTORS_FILE, settings),
         "plot": save_image_atomic(vectors_chart(vectors), out_dir / VECTORS_PLOT),
     }
