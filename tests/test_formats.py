@@ -482,3 +482,18 @@ def test_a_file_mixing_both_diffusers_layouts_loads_whole(tmp_path):
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)
+
+
+def test_a_kohya_file_whose_text_encoder_part_diffusers_cannot_read_loads_whole(tmp_path):
+    """diffusers tells a kohya text-encoder part's layout by its out_proj / fc layers, so a file adapting q_proj
+    alone fails in load_lora_weights; load_lora_files rewrites it first and gives the image of its dW."""
+    from customize.formats import load_lora_files
+    from tests.lora_helpers import image, image_with_delta, tiny_pipe, trained_state
+
+    state = trained_state("sd", 1, unet_targets=["to_q", "to_k"], te_targets=["q_proj"])
+    path = save_lora(state, tmp_path / "q_only.safetensors", "kohya")
+    pipe = tiny_pipe("sd")
+    load_lora_files(pipe, [(path, 1.0)])
+    want = image_with_delta("sd", state)
+    np.testing.assert_allclose(image(pipe), want, atol=1e-4)
+    assert np.abs(want - image(tiny_pipe("sd"))).max() > 1e-3

@@ -103,6 +103,20 @@ def _mixed_layouts(path: Path) -> bool:
     return len(kinds) > 1
 
 
+def _kohya_text_encoder_unread(state: LoraState) -> bool:
+    """Whether a kohya file adapts a text encoder in none of out_proj / fc1 / fc2 (e.g. q_proj alone): diffusers
+    renames such a text-encoder part to the old diffusers names and then tells the layout by the names of those
+    three layers only, so `load_lora_weights` fails ("Could not automatically infer state dict type")."""
+    if state.format != "kohya":
+        return False
+    modules: dict[str, set[str]] = {}
+    for key in state.layers:
+        component, module = split_key(key)
+        if component != "unet":
+            modules.setdefault(component, set()).add(module.rsplit(".", 1)[-1])
+    return any(not names & {"out_proj", "fc1", "fc2"} for names in modules.values())
+
+
 def load_lora_files(pipe, specs: list[tuple[str | os.PathLike, float]], prefix: str = "lora",
                     fuse: bool = False) -> list[str]:
     """Load LoRA files as adapters `<prefix>_<i>` (the first free names) with their weights, through diffusers'
@@ -129,9 +143,8 @@ def load_lora_files(pipe, specs: list[tuple[str | os.PathLike, float]], prefix: 
     names = []
     for (path, _), state, name in zip(specs, states, free):
         file = _weights_file(path)
-        if _mixed_layouts(file):
-            # diffusers reads the layout of a file from its first key and drops the keys of the other one, so
-            # such a file is rewritten in one layout (peft's) first
+        if _mixed_layouts(file) or _kohya_text_encoder_unread(state):
+            # diffusers misreads these files (see the two functions), so they are rewritten in peft's layout first
             with tempfile.TemporaryDirectory(prefix="customize-lora-") as tmp:
                 pipe.load_lora_weights(str(save_lora(state, tmp, "peft")), adapter_name=name)
         else:

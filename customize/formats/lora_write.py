@@ -167,9 +167,24 @@ def _to_diffusers(state: LoraState, peft_names: bool) -> tuple[dict, dict]:
     return tensors, {"format": "pt", ADAPTER_METADATA_KEY: json.dumps(adapter, indent=2, sort_keys=True)}
 
 
+def _uniform_alpha(layers: dict[str, LoraLayer]) -> dict[str, LoraLayer]:
+    """A LoRA whose every module has scale 1 (alpha = rank: merges, ZipLoRA) but whose ranks differ, rewritten with
+    one alpha A for all modules (the most common rank) and each up weight times rank / A: the same dW. diffusers'
+    kohya reader drops the per-module alphas of the UNet's attention projections and gives them the file's most
+    common alpha, which is then right for every module. Other LoRAs (a trained alpha_pattern) are kept as they are."""
+    ranks = Counter(layer.rank for layer in layers.values())
+    if len(ranks) < 2 or any(layer.alpha != layer.rank for layer in layers.values()):
+        return layers
+    common = float(ranks.most_common(1)[0][0])
+    return {key: layer if layer.rank == common else
+            LoraLayer(layer.down, (layer.up.float() * (layer.rank / common)).to(layer.up.dtype), common)
+            for key, layer in layers.items()}
+
+
 def _to_kohya(state: LoraState, family: str | None, layout: UNetLayout | None) -> tuple[dict, dict]:
     tensors = {}
-    for key, layer in state.layers.items():
+    layers = _uniform_alpha(state.layers)
+    for key, layer in layers.items():
         component, module = split_key(key)
         if component == "unet" and family == "sdxl":
             module = diffusers_to_sgm(module, layout or SDXL_LAYOUT)
@@ -177,8 +192,8 @@ def _to_kohya(state: LoraState, family: str | None, layout: UNetLayout | None) -
         tensors[f"{name}.lora_down.weight"] = layer.down
         tensors[f"{name}.lora_up.weight"] = layer.up
         tensors[f"{name}.alpha"] = torch.tensor(float(layer.alpha))  # () float32: the effective scale is alpha/rank
-    ranks = Counter(layer.rank for layer in state.layers.values())
-    alphas = Counter(layer.alpha for layer in state.layers.values())
+    ranks = Counter(layer.rank for layer in layers.values())
+    alphas = Counter(layer.alpha for layer in layers.values())
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(ranks.most_common(1)[0][0]),
