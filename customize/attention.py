@@ -60,8 +60,8 @@ The Prompt-to-Prompt controllers (the math is in docs/methods.md, "Prompt-to-Pro
 
 The resolution limit is in pixels of the layer (N = h*w of its feature map), not a block index, so it means the
 same memory for every layout: at 1024 (32x32) it covers SD 1.x/2.x at 512 px (64x64 latents) on its 32x32,
-16x16 and 8x8 layers and SDXL at 1024 px (128x128 latents) on its 32x32 layers (where 10 of its 14 self-attention
-blocks per image sit: down_blocks.2, mid, up_blocks.0), never SDXL's 64x64 layers whose explicit maps would cost
+16x16 and 8x8 layers and SDXL at 1024 px (128x128 latents) on its 32x32 layers (where 60 of its 70 transformer
+blocks sit: down_blocks.2, mid, up_blocks.0), never SDXL's 64x64 layers whose explicit maps would cost
 16M floats per head and image.
 """
 
