@@ -117,3 +117,68 @@ def generate(
         else:
             pipe._progress_bar_config = saved
     return images
+
+
+def edit(
+    pipe,
+    source_prompt: str,
+    target_prompts: str | Sequence[str],
+    seed: int,
+    controller,
+    *,
+    num_inference_steps: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    **generate_kwargs,
+) -> list:
+    """Prompt-to-Prompt (Hertz et al. 2022): the source prompt and the target prompt(s) drawn as one batch from
+    the same initial latent, while `controller` (customize.attention: Replace, Refine, Reweight, AttentionStore)
+    edits the targets' attention maps towards the source's. Returns [source image, target images...].
+
+    Every row gets its own generator seeded with `seed` (diffusers draws the initial latent row by row from the
+    list of generators), so every row starts from the latent `generate(pipe, prompt, [seed])` starts from, and
+    the source row is that plain generation (up to float rounding across batch shapes: the explicit attention
+    path and the batch of n + 1 rows move an 8-bit pixel by at most one level). SDXL needs nothing more: the
+    prompts are batched, so both text encoders, the pooled embeddings and the added time ids follow each row's
+    prompt (prompt_2, when given in generate_kwargs, is one str for every row, or one per row).
+
+    The controller is prepared with the pipeline's tokenizer, the prompts and the step count, installed on the
+    layers it needs for this image size (`customize.attention.install`), advanced by `callback_on_step_end`
+    (a caller's own callback_on_step_end runs after it) and removed afterwards; the UNet keeps its processors.
+    generate_kwargs go to `generate` (negative_prompt, guidance_scale, output_type, cross_attention_kwargs, ...).
+
+        from customize.attention import Replace
+        source, square = edit(pipe, "a red circle on a blue background", "a red square on a blue background",
+                              seed=0, controller=Replace(cross_replace_steps=0.8, self_replace_steps=0.4))
+    """
+    import inspect
+
+    from customize.attention import install
+
+    targets = [target_prompts] if isinstance(target_prompts, str) else list(target_prompts)
+    if not targets:
+        raise ValueError("edit needs at least one target prompt")
+    prompts = [source_prompt, *targets]
+    for name in ("seeds", "batch_size"):
+        if name in generate_kwargs:
+            raise ValueError(f"edit draws every row from `seed` in one batch: pass no {name}")
+    steps = num_inference_steps
+    if steps is None:
+        steps = inspect.signature(pipe.__call__).parameters["num_inference_steps"].default
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    default_side = pipe.unet.config.sample_size * scale
+    latent = ((height or default_side) // scale, (width or default_side) // scale)
+    user_callback = generate_kwargs.pop("callback_on_step_end", None)
+
+    def on_step_end(p, i, t, kwargs):
+        kwargs = controller.step_callback(p, i, t, kwargs)
+        return kwargs if user_callback is None else user_callback(p, i, t, kwargs)
+
+    controller.prepare(pipe.tokenizer, prompts, steps)
+    controller.reset()
+    before = install(pipe.unet, controller, latent)
+    try:
+        return generate(pipe, prompts, [seed] * len(prompts), num_inference_steps=steps, height=height,
+                        width=width, batch_size=len(prompts), callback_on_step_end=on_step_end, **generate_kwargs)
+    finally:
+        pipe.unet.set_attn_processor(before)

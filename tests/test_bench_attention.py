@@ -1,5 +1,5 @@
 """bench/toy_attention.py: one in/out ratio pair per cross-attention layer, the pipeline left as it was (the
-recording processor and the word regions it uses are tested in tests/test_toy_grounding.py)."""
+recording controller and the word regions it uses are tested in tests/test_toy_grounding.py)."""
 
 import importlib.util
 from pathlib import Path

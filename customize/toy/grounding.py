@@ -24,6 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from customize.attention import Controller, install
 from customize.toy import world
 
 UNGROUNDED, SHAPE, BACKGROUND = 0, 1, 2
@@ -52,34 +53,35 @@ def word_regions(text: str, length: int) -> torch.Tensor:
     return regions
 
 
-class CrossAttentionRecorder:
-    """A diffusers attention processor: computes the layer's output with `inner` and, for cross-attention, also
-    appends softmax(QK^T / sqrt(d)) averaged over heads, (B, N pixels, L tokens), to store[name]. The
-    probabilities keep their graph when gradients are on (training), so a loss can be taken on them."""
+class CrossAttentionRecorder(Controller):
+    """An observer controller of the attention layer (customize.attention): on every cross-attention layer it
+    appends softmax(QK^T / sqrt(d)) averaged over heads, (B, N pixels, L tokens), to store[name] (name the
+    layer's processor key), one entry per UNet call; the layer's own processor still computes the output, so
+    images are bitwise unchanged. The probabilities keep their graph when gradients are on (training), so a
+    loss can be taken on them."""
 
-    def __init__(self, name: str, inner, store: dict):
-        self.name, self.inner, self.store = name, inner, store
+    edits = False
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        if encoder_hidden_states is not None:
-            x = hidden_states
-            if x.ndim == 4:  # (B, C, H, W) -> (B, HW, C), as the processors do
-                x = x.flatten(2).transpose(1, 2)
-            q = attn.head_to_batch_dim(attn.to_q(x))  # (B*h, N, d)
-            k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))  # (B*h, L, d)
-            probs = attn.get_attention_scores(q, k, None)  # (B*h, N, L)
-            self.store.setdefault(self.name, []).append(
-                probs.reshape(x.shape[0], attn.heads, *probs.shape[1:]).mean(1))  # (B, N, L)
-        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+    def __init__(self, store: dict):
+        super().__init__()
+        self.store = store
+
+    def layer_needed(self, name, is_cross, place, pixels):
+        return is_cross
+
+    def wants(self, is_cross, place, name, step, pixels):
+        return is_cross
+
+    def __call__(self, probs, is_cross, place, name, step):
+        self.store.setdefault(name, []).append(probs.mean(1))  # (B, N, L)
+        return probs
 
 
 def record_cross_attention(unet, store: dict) -> dict:
-    """Wrap every cross-attention processor of `unet` in a recorder writing to `store`; returns the processors
-    that were there, for `unet.set_attn_processor(returned)` to put back."""
-    before = dict(unet.attn_processors)
-    unet.set_attn_processor({name: CrossAttentionRecorder(name, proc, store) if ".attn2." in name else proc
-                             for name, proc in before.items()})
-    return before
+    """Record every cross-attention layer of `unet` into `store` (a `CrossAttentionRecorder` installed on the
+    attention layer); returns the processors that were there, for `unet.set_attn_processor(returned)` to put
+    back."""
+    return install(unet, CrossAttentionRecorder(store))
 
 
 def grounding_loss(probs: list[torch.Tensor], masks: torch.Tensor, regions: torch.Tensor,
