@@ -99,23 +99,24 @@ def read_metadata(folder: str | os.PathLike, caption_column: str | None = None) 
     return out
 
 
-def read_paired(folder: str | os.PathLike, names: list[str] | tuple[str, ...]) -> dict[Path, dict[str, Path]]:
+def read_paired(folder: str | os.PathLike, names) -> dict[Path, dict[str, Path]]:
     """{image path: {name: paired image path}} from `folder/metadata.jsonl`, where each `name` (e.g.
     "conditioning_image") is the column `<name>_file_name` of every line (the datasets library's imagefolder
-    convention). Each path passed `resolve_image_name` in `metadata_rows` (nothing leaves the folder); a missing
+    convention); `names` is a list, or {name: column prefix} to read a name from another column. Each path passed `resolve_image_name` in `metadata_rows` (nothing leaves the folder); a missing
     file or column is a one-line error naming the line."""
     folder = Path(folder)
     meta = folder / METADATA_FILE
     if not meta.is_file():
-        columns = ", ".join(f'"{n}_file_name"' for n in names)
+        columns = ", ".join(f'"{n}_file_name"' for n in (names.values() if isinstance(names, dict) else names))
         raise CaptionError(f"{folder} has no {METADATA_FILE}: paired images are named there, one line per image "
                            f'with "file_name" and {columns}')
+    names = dict(names) if isinstance(names, dict) else {n: n for n in names}
     out: dict[Path, dict[str, Path]] = {}
     for lineno, row in metadata_rows(folder):
         where = f"{meta}, line {lineno}"
         pair = {}
-        for name in names:
-            column = f"{name}_file_name"
+        for name, prefix in names.items():
+            column = f"{prefix}_file_name"
             if column not in row:
                 raise CaptionError(f"{where}: no {column!r} column (it has {sorted(row)}); every image needs its "
                                    f"{name.replace('_', ' ')}")

@@ -63,16 +63,18 @@ class ImageCaptionDataset(Dataset):
     def from_folder(cls, folder: str | os.PathLike, resolution, *, center_crop: bool = False,
                     random_flip: bool = False, prompt: str | None = None, caption_column: str | None = None,
                     use_captions: bool = True, interpolation: str = "bilinear",
-                    warn_uncaptioned: bool = False, paired_images: Sequence[str] = ()) -> ImageCaptionDataset:
+                    warn_uncaptioned: bool = False, paired_images: Sequence[str] | dict[str, str] = ()
+                    ) -> ImageCaptionDataset:
         """Every image of `folder` (or those its metadata.jsonl lists). Captions come from metadata.jsonl or .txt
         sidecars when `use_captions`; an image without one gets `prompt` (and is an error if there is none).
         `warn_uncaptioned` (the user asked for captions): one warning, naming the folder, when images have none.
         `paired_images` (e.g. ["conditioning_image"]): each image's partner named by metadata.jsonl's
-        `<name>_file_name` column, every line must have it (`read_paired`)."""
+        `<name>_file_name` column, every line must have it (`read_paired`); {name: column prefix} reads a
+        name from another column."""
         ds = cls(ImageTransform(resolution, center_crop, random_flip, interpolation), prompt)
         images, captions = images_and_captions(folder, caption_column)
         if paired_images:
-            pairs = read_paired(folder, tuple(paired_images))
+            pairs = read_paired(folder, paired_images if isinstance(paired_images, dict) else tuple(paired_images))
             ds._paired_paths = [pairs[p] for p in images]
         ds._paths = images
         ds._captions = captions if use_captions else [None] * len(images)
