@@ -26,9 +26,10 @@ Preprocessors (each a function PIL image -> RGB PIL conditioning image, same siz
     soft_edge(img, blur=2.0)               a soft edge map: the Sobel gradient magnitude of the blurred image,
                                            normalised to [0, 255] (HED / PiDiNet-like, no network)
     scribble(img, threshold=0.25)          thin white strokes: the soft edges thresholded, dilated by one pixel
-    segmentation(img, palette=None)        a label map (mode L / P / I, one integer per class) -> colours of the
-                                           palette (ADE20K's by default, what sd-controlnet-seg reads); an RGB
-                                           image passes through unchanged
+    segmentation(img, palette=None)        a label map (mode L / P / I, one integer per class) -> the colours of
+                                           a palette (PASCAL VOC's by default; pass the palette the ControlNet was
+                                           trained on, e.g. ADE20K's for sd-controlnet-seg); an RGB image passes
+                                           through unchanged
 """
 
 from __future__ import annotations
@@ -121,3 +122,102 @@ def controlnet_pipeline(pipe, controlnet):
     if hasattr(pipe, "_progress_bar_config"):
         out._progress_bar_config = dict(pipe._progress_bar_config)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preprocessors: image -> conditioning image (RGB, the same size), no downloaded model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError:
+        from customize.training.config import MissingDependencyError
+
+        raise MissingDependencyError("the canny preprocessor needs OpenCV, which is not installed: pip install "
+                                     "'customize[cv]' (opencv-python-headless), or give a ready conditioning "
+                                     "image with --preprocess none") from None
+    return cv2
+
+
+def _grey(img: Image.Image) -> np.ndarray:
+    return np.asarray(img.convert("L"), dtype=np.uint8)  # (H, W)
+
+
+def _rgb(edges: np.ndarray) -> Image.Image:
+    return Image.fromarray(edges.astype(np.uint8), mode="L").convert("RGB")
+
+
+def canny(img: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
+    """Canny edges (OpenCV's cv2.Canny on the greyscale image, hysteresis thresholds `low` < `high` on the
+    gradient magnitude): 1-px white edges on black, as the canny ControlNets were trained on."""
+    if not 0 <= low < high:
+        raise ValueError(f"canny thresholds must satisfy 0 <= low < high, got low={low}, high={high}")
+    return _rgb(_cv2().Canny(_grey(img), low, high))
+
+
+def soft_edge(img: Image.Image, blur: float = 2.0) -> Image.Image:
+    """A soft edge map without a network: the Sobel gradient magnitude |grad(G_sigma * I)| of the greyscale image
+    blurred by a Gaussian of radius `blur`, scaled so its maximum is 255 (grey ramps where HED / PiDiNet would put
+    soft lines). A flat image gives black."""
+    grey = img.convert("L").filter(ImageFilter.GaussianBlur(blur)) if blur > 0 else img.convert("L")
+    g = np.asarray(grey, dtype=np.float32)  # (H, W)
+    p = np.pad(g, 1, mode="edge")
+    gx = (p[:-2, 2:] + 2 * p[1:-1, 2:] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[1:-1, :-2] + p[2:, :-2])
+    gy = (p[2:, :-2] + 2 * p[2:, 1:-1] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[:-2, 1:-1] + p[:-2, 2:])
+    mag = np.hypot(gx, gy)  # (H, W)
+    top = float(mag.max())
+    return _rgb(np.zeros_like(mag) if top == 0 else np.round(mag / top * 255.0))
+
+
+def scribble(img: Image.Image, threshold: float = 0.25, blur: float = 2.0) -> Image.Image:
+    """Scribble-like strokes: the soft edges above `threshold` (a fraction of the strongest edge) as white,
+    thickened by a 3x3 maximum filter (a user's stroke is a few pixels wide), on black."""
+    if not 0 < threshold < 1:
+        raise ValueError(f"scribble threshold must be in (0, 1), got {threshold}")
+    edges = np.asarray(soft_edge(img, blur).convert("L")) > threshold * 255
+    return _rgb(edges * 255).filter(ImageFilter.MaxFilter(3))
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """A fixed, well-separated colour per class id, (n, 3) uint8: the PASCAL VOC palette (the bits of the id
+    interleaved into the high bits of r, g, b; id 0 is black). A ControlNet trained on another palette (the ADE20K
+    colours of sd-controlnet-seg) needs that palette passed to `segmentation`."""
+    palette = np.zeros((n, 3), dtype=np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette[i] = (r, g, b)
+    return palette
+
+
+def segmentation(img: Image.Image, palette: Sequence[Sequence[int]] | np.ndarray | None = None) -> Image.Image:
+    """A segmentation map as a conditioning image. A label map (mode L, I, I;16 or a P image read by its indices:
+    one class id per pixel) is coloured with `palette` ((n, 3) colours by class id; default `voc_palette`); an
+    RGB image is taken to be coloured already and passes through unchanged. A class id past the palette is an
+    error naming it."""
+    if img.mode == "RGB":
+        return img.copy()
+    if img.mode not in ("L", "P", "I", "I;16", "I;16L", "I;16B"):
+        raise ValueError(f"segmentation: a {img.mode} image is neither a label map (L, P, I) nor a coloured map (RGB)")
+    labels = np.asarray(img, dtype=np.int64)  # (H, W) class ids
+    colours = np.asarray(voc_palette() if palette is None else palette, dtype=np.uint8).reshape(-1, 3)
+    top = int(labels.max())
+    if top >= len(colours) or labels.min() < 0:
+        raise ValueError(f"segmentation: class id {top} has no colour in a palette of {len(colours)}")
+    return Image.fromarray(colours[labels], mode="RGB")
+
+
+def preprocess(img: Image.Image, name: str | None) -> Image.Image:
+    """The conditioning image of `img` by preprocessor name (PREPROCESSORS; None or "none": as it is, in RGB)."""
+    if name in (None, "none"):
+        return img.convert("RGB") if img.mode != "RGB" else img
+    funcs = {"canny": canny, "soft_edge": soft_edge, "scribble": scribble, "segmentation": segmentation}
+    if name not in funcs:
+        raise ValueError(f"unknown preprocessor {name!r}; choose one of {', '.join(PREPROCESSORS)}")
+    return funcs[name](img)

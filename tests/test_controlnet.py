@@ -258,3 +258,38 @@ def test_controlnet_for_another_family_is_refused(pipes):
         cn.ControlNetConfig(output_dir="x", proportion_empty_prompts=1.0)
     with pytest.raises(ValueError, match="exactly one of --train_data_dir"):
         cn.ControlNetConfig(output_dir="x").check_inputs()
+
+
+def test_preprocessors():
+    from PIL import ImageDraw
+
+    from customize import control
+
+    img = Image.new("RGB", (48, 48), "blue")
+    ImageDraw.Draw(img).rectangle((12, 12, 35, 35), fill="red")
+    for name in ("canny", "soft_edge", "scribble"):
+        out = control.preprocess(img, name)
+        arr = np.asarray(out)
+        assert out.mode == "RGB" and out.size == img.size
+        assert arr[24, 24].max() == 0 and arr[2, 2].max() == 0  # flat regions: black
+        assert arr[12, 24].max() > 0 or arr[11, 24].max() > 0  # the square's edge: white
+    assert np.asarray(control.canny(Image.new("RGB", (16, 16), "red"))).max() == 0
+    labels = Image.fromarray(np.array([[0, 1], [2, 3]], dtype=np.uint8), mode="L")
+    seg = np.asarray(control.segmentation(labels))
+    assert seg.shape == (2, 2, 3) and (seg[0, 0] == 0).all() and len({tuple(c) for c in seg.reshape(-1, 3)}) == 4
+    assert np.asarray(control.segmentation(labels, [[1, 2, 3]] * 4))[1, 1].tolist() == [1, 2, 3]
+    assert control.segmentation(img) is not img and np.array_equal(np.asarray(control.segmentation(img)), np.asarray(img))
+    with pytest.raises(ValueError, match="class id 3 has no colour in a palette of 2"):
+        control.segmentation(labels, [[0, 0, 0], [9, 9, 9]])
+    with pytest.raises(ValueError, match="unknown preprocessor 'hed'"):
+        control.preprocess(img, "hed")
+    with pytest.raises(ValueError, match="low < high"):
+        control.canny(img, 200, 100)
+
+
+def test_canny_without_opencv_is_a_clear_error(monkeypatch):
+    from customize import control
+
+    monkeypatch.setitem(sys.modules, "cv2", None)
+    with pytest.raises(ImportError, match=r"pip install 'customize\[cv\]'"):
+        control.canny(Image.new("RGB", (8, 8)))
