@@ -180,6 +180,69 @@ def test_recipe_folder_loads_in_diffusers_with_the_same_image(tmp_path, folder):
     np.testing.assert_array_equal(ours, expected)
     plain = generate(pipe, ["a red circle"], [0], num_inference_steps=3, height=RES, width=RES, output_type="np")[0]
     assert np.abs(plain - ours).max() > 0  # the control changes the image
+    # two ControlNets add their residuals: the same one twice at 0.5 each is the one at 1.0
+    net2 = load_controlnet(out, pipe)
+    twice = generate(controlnet_pipeline(pipe, [net2, load_controlnet(out, pipe)]), ["a red circle"], [0],
+                     image=[control, control], controlnet_conditioning_scale=[0.5, 0.5], num_inference_steps=3,
+                     height=RES, width=RES, output_type="np")[0]
+    np.testing.assert_allclose(twice, ours, atol=1e-5)
+
+    # `customize generate --controlnet` writes diffusers' image (8-bit)
+    from customize.cli import main
+
+    gen = tmp_path / "gen"
+    assert main(["generate", "-m", "tiny-sd", "--prompt", "a red circle", "--steps", "3", "--width", str(RES),
+                 "--height", str(RES), "--controlnet", str(out), "--control-image",
+                 str(folder / "00001_conditioning_image.png"), "--out", str(gen), "--no-progress"]) == 0
+    written = np.asarray(Image.open(gen / "000-00-seed0.png"))
+    np.testing.assert_array_equal(written, (expected * 255).round().astype(np.uint8))
+    record = json.loads((gen / "generation.json").read_text())
+    assert record["controlnets"][0]["conditioning_scale"] == 1.0 and (gen / "control-0.png").is_file()
+
+
+def test_generate_sdxl_controlnet_matches_diffusers(tmp_path, pipes, folder):
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    from customize.cli import main
+
+    net = cn.new_controlnet(pipes["sdxl"])
+    _randomize_zero_convs(net, 2)
+    net.save_pretrained(tmp_path / "cnxl")
+    control = folder / "00002_conditioning_image.png"
+    args = ["generate", "-m", "tiny-sdxl", "--prompt", "a blue square", "--steps", "2", "--width", str(RES),
+            "--height", str(RES), "--controlnet", str(tmp_path / "cnxl"), "--control-image", str(control),
+            "--conditioning-scale", "0.7", "--control-end", "0.8", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "gen")]) == 0
+    base = tiny_pipeline("sdxl")
+    theirs = StableDiffusionXLControlNetPipeline(**base.components, controlnet=net, add_watermarker=False)
+    theirs.set_progress_bar_config(disable=True)
+    expected = theirs("a blue square", image=Image.open(control).convert("RGB"), num_inference_steps=2,
+                      height=RES, width=RES, controlnet_conditioning_scale=0.7, control_guidance_end=0.8, guidance_scale=7.5,
+                      generator=torch.Generator().manual_seed(0)).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "gen" / "000-00-seed0.png")), np.asarray(expected))
+
+
+def test_generate_controlnet_bad_options(tmp_path, folder, capsys):
+    from customize.cli import main
+
+    base = ["generate", "-m", "tiny-sd", "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "o")]
+    img = str(folder / "00000_conditioning_image.png")
+    cases = [
+        (["--control-image", img], "--control-image needs --controlnet PATH"),
+        (["--controlnet", "a", "--controlnet", "b", "--control-image", img], "2 --controlnet need 2 --control-image"),
+        (["--controlnet", "a", "--control-image", img, "--preprocess", "hed"], "--preprocess hed: choose one of"),
+        (["--controlnet", "a", "--control-image", img, "--control-start", "0.9", "--control-end", "0.5"],
+         "need 0 <= start < end <= 1"),
+        (["--controlnet", str(tmp_path), "--control-image", img], "not a ControlNet folder"),
+    ]
+    for extra, message in cases:
+        assert main([*base, *extra]) == 1
+        assert message in capsys.readouterr().err
+    # a ControlNet for another family
+    cn.new_controlnet(tiny_pipeline("sd")).save_pretrained(tmp_path / "sd-cn")
+    assert main(["generate", "-m", "tiny-sdxl", "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "o"),
+                 "--controlnet", str(tmp_path / "sd-cn"), "--control-image", img]) == 1
+    assert "is a sd1 ControlNet but the base model is sdxl" in capsys.readouterr().err
 
 
 # -- bad input ----------------------------------------------------------------------------------------------------
