@@ -59,6 +59,18 @@ examples:
 --fuse                   fold the LoRAs into the weights first (same images up to float rounding, base speed)
 --embedding FILE[:TOKEN] diffusers learned_embeds, SDXL clip_l/clip_g, or A1111 .pt/.safetensors; TOKEN
                          overrides the token stored in the file. SDXL models get both encoders' vectors.
+
+ControlNet (repeat --controlnet for several at once; each then takes its own --control-image and, repeated in
+the same order, its own --preprocess / --conditioning-scale / --control-start / --control-end; given once, a
+value serves every ControlNet):
+  customize generate -m stable-diffusion-v1-5/stable-diffusion-v1-5 --controlnet lllyasviel/sd-controlnet-canny \
+      --control-image bird.png --preprocess canny --conditioning-scale 0.8 --prompt "a bird"
+--controlnet PATH        a diffusers ControlNet folder or hub id (one made for another family is refused)
+--control-image IMG      its conditioning image (resized to --width x --height)
+--preprocess NAME        canny, soft_edge, scribble, segmentation or none (default: the image as it is)
+--conditioning-scale S   multiplies the ControlNet's residuals (default 1.0)
+--guess-mode             the ControlNet sees the conditional half only, residuals ramped 0.1 -> 1
+--control-start/-end F   the fraction of the steps the ControlNet acts on (default 0 and 1)
 """
 
 INSPECT_HELP = """\
@@ -247,6 +259,75 @@ def _png_info(prompt: str, seed: int, args):
     return info
 
 
+def _per_controlnet(values, n: int, flag: str, default):
+    """A repeatable ControlNet option as one value per ControlNet: none (the default for each), one (for each)
+    or exactly n (in order)."""
+    values = list(values or [])
+    if not values:
+        return [default] * n
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise ValueError(f"{flag} is given {len(values)} times for {n} --controlnet; give it once (for every "
+                         "ControlNet) or once per --controlnet, in the same order")
+    return values
+
+
+def control_settings(args) -> dict | None:
+    """The ControlNet options checked before any model loads: {"paths", "images", "preprocess", "scales",
+    "start", "end"} with one entry per ControlNet, or None without --controlnet."""
+    from customize.control import PREPROCESSORS
+
+    nets = list(args.controlnet or [])
+    extra = [f for f, v in (("--control-image", args.control_image), ("--preprocess", args.preprocess),
+                            ("--conditioning-scale", args.conditioning_scale), ("--control-start", args.control_start),
+                            ("--control-end", args.control_end), ("--guess-mode", args.guess_mode)) if v]
+    if not nets:
+        if extra:
+            raise ValueError(f"{extra[0]} needs --controlnet PATH")
+        return None
+    images = list(args.control_image or [])
+    if len(images) != len(nets):
+        raise ValueError(f"{len(nets)} --controlnet need {len(nets)} --control-image (one each, in order), got "
+                         f"{len(images)}")
+    for path in images:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--control-image {path}: no such file")
+    pre = _per_controlnet(args.preprocess, len(nets), "--preprocess", "none")
+    for name in pre:
+        if name not in PREPROCESSORS:
+            raise ValueError(f"--preprocess {name}: choose one of {', '.join(PREPROCESSORS)}")
+    scales = _per_controlnet(args.conditioning_scale, len(nets), "--conditioning-scale", 1.0)
+    start = _per_controlnet(args.control_start, len(nets), "--control-start", 0.0)
+    end = _per_controlnet(args.control_end, len(nets), "--control-end", 1.0)
+    for s_, e_ in zip(start, end):
+        if not 0.0 <= s_ < e_ <= 1.0:
+            raise ValueError(f"--control-start {s_} / --control-end {e_}: need 0 <= start < end <= 1")
+    if not all(math.isfinite(x) for x in scales):
+        raise ValueError("--conditioning-scale must be a finite number")
+    return {"paths": nets, "images": images, "preprocess": pre, "scales": scales, "start": start, "end": end}
+
+
+def controlnet_kwargs(pipe, control: dict, width: int, height: int, guess_mode: bool = False):
+    """(the ControlNet pipeline built from `pipe`'s components, the pipeline keywords of the control images and
+    scales) for `customize.inference.generate`; each image loaded, preprocessed and resized to width x height."""
+    from customize.control import controlnet_pipeline, load_controlnet, preprocess
+    from customize.data.images import open_paired_image
+
+    nets = [load_controlnet(p, pipe) for p in control["paths"]]
+    images = [preprocess(open_paired_image(p, "--control-image"), name).resize((width, height))
+              for p, name in zip(control["images"], control["preprocess"])]
+    one = len(nets) == 1
+    kwargs = {
+        "image": images[0] if one else images,
+        "controlnet_conditioning_scale": control["scales"][0] if one else control["scales"],
+        "control_guidance_start": control["start"][0] if one else control["start"],
+        "control_guidance_end": control["end"][0] if one else control["end"],
+        "guess_mode": guess_mode,
+    }
+    return controlnet_pipeline(pipe, nets), kwargs, images
+
+
 def cmd_generate(args) -> int:
     if args.device:
         generate_device(args.device)  # before the seconds of importing diffusers and loading the model
@@ -274,6 +355,7 @@ def cmd_generate(args) -> int:
                              "(leave it out for the model's native size)")
     if not math.isfinite(args.guidance):
         raise ValueError(f"--guidance {args.guidance}: must be a finite number (e.g. 7.5; 1 turns guidance off)")
+    control = control_settings(args)  # before the model loads
 
     # diffusers warns, for instance, that a UNet-only LoRA has no text-encoder keys: true, and nothing to act on
     diffusers_logging.set_verbosity_error()
@@ -286,6 +368,14 @@ def cmd_generate(args) -> int:
     adapters = load_lora_files(pipe, loras, fuse=args.fuse)
     for (path, weight), name in zip(loras, adapters):
         print(f"lora {path}: {'fused' if args.fuse else 'adapter ' + name}, weight {weight:g}")
+    control_kwargs = {}
+    if control is not None:
+        pipe, control_kwargs, control_images = controlnet_kwargs(pipe, control, width, height, args.guess_mode)
+        for k, path in enumerate(control["paths"]):
+            print(f"controlnet {path}: image {control['images'][k]} ({control['preprocess'][k]}), scale "
+                  f"{control['scales'][k]:g}, steps {control['start'][k]:g}-{control['end'][k]:g}")
+        for k, img in enumerate(control_images):
+            save_image_atomic(img, Path(args.out) / f"control-{k}.png")
     pipe.to(device)
 
     out = Path(args.out)
@@ -303,7 +393,7 @@ def cmd_generate(args) -> int:
         images = generate(
             pipe, [prompt] * args.num_images, seeds, negative_prompt=args.negative_prompt,
             guidance_scale=args.guidance, num_inference_steps=args.steps, height=height, width=width,
-            batch_size=args.num_images, callback_on_step_end=on_step_end,
+            batch_size=args.num_images, callback_on_step_end=on_step_end, **control_kwargs,
         )
         for j, (img, seed) in enumerate(zip(images, seeds)):
             path = out / f"{p:03d}-{j:02d}-seed{seed}.png"
@@ -317,6 +407,11 @@ def cmd_generate(args) -> int:
         "width": width, "height": height, "num_images": args.num_images,
         "loras": [{"file": p, "weight": w} for p, w in loras], "fused": bool(args.fuse and loras),
         "embeddings": [{"file": p, "token": t} for p, t in embeddings],
+        "controlnets": [] if control is None else [
+            {"path": p, "control_image": i, "preprocess": pre, "conditioning_scale": s, "start": a, "end": b}
+            for p, i, pre, s, a, b in zip(*(control[k] for k in ("paths", "images", "preprocess", "scales", "start",
+                                                                 "end")))],
+        "guess_mode": bool(args.guess_mode),
         "images": [x.name for x in written],
     }
     with atomic_path(out / "generation.json") as tmp:
@@ -626,6 +721,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fuse", action="store_true", help="fold the LoRAs (at their weights) into the model's weights "
                    "before sampling: each step then costs what the base model's does")
     g.add_argument("--embedding", action="append", metavar="FILE[:TOKEN]", help="a textual-inversion file (repeatable)")
+    g.add_argument("--controlnet", action="append", metavar="PATH", help="a ControlNet folder or hub id (repeatable)")
+    g.add_argument("--control-image", action="append", metavar="IMG", help="the conditioning image of each ControlNet")
+    g.add_argument("--preprocess", action="append", metavar="NAME", help="canny, soft_edge, scribble, segmentation, "
+                   "none: turn each control image into a conditioning image (once: all)")
+    g.add_argument("--conditioning-scale", action="append", type=float, metavar="S",
+                   help="each ControlNet's residual scale (default 1.0; once: all)")
+    g.add_argument("--guess-mode", action="store_true", help="ControlNet guess mode (follow the control image without "
+                   "relying on the prompt)")
+    g.add_argument("--control-start", action="append", type=float, metavar="F",
+                   help="fraction of the steps where each ControlNet starts (default 0)")
+    g.add_argument("--control-end", action="append", type=float, metavar="F",
+                   help="fraction of the steps where each ControlNet stops (default 1)")
     g.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
     g.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
     g.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")

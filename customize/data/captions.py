@@ -99,6 +99,36 @@ def read_metadata(folder: str | os.PathLike, caption_column: str | None = None) 
     return out
 
 
+def read_paired(folder: str | os.PathLike, names) -> dict[Path, dict[str, Path]]:
+    """{image path: {name: paired image path}} from `folder/metadata.jsonl`, where each `name` (e.g.
+    "conditioning_image") is the column `<name>_file_name` of every line (the datasets library's imagefolder
+    convention); `names` is a list, or {name: column prefix} to read a name from another column. Each path passed `resolve_image_name` in `metadata_rows` (nothing leaves the folder); a missing
+    file or column is a one-line error naming the line."""
+    folder = Path(folder)
+    meta = folder / METADATA_FILE
+    if not meta.is_file():
+        columns = ", ".join(f'"{n}_file_name"' for n in (names.values() if isinstance(names, dict) else names))
+        raise CaptionError(f"{folder} has no {METADATA_FILE}: paired images are named there, one line per image "
+                           f'with "file_name" and {columns}')
+    names = dict(names) if isinstance(names, dict) else {n: n for n in names}
+    out: dict[Path, dict[str, Path]] = {}
+    for lineno, row in metadata_rows(folder):
+        where = f"{meta}, line {lineno}"
+        pair = {}
+        for name, prefix in names.items():
+            column = f"{prefix}_file_name"
+            if column not in row:
+                raise CaptionError(f"{where}: no {column!r} column (it has {sorted(row)}); every image needs its "
+                                   f"{name.replace('_', ' ')}")
+            path = row[column]
+            if not path.is_file():
+                raise ImageError(f"{where}: {column} names {str(path.relative_to(folder))!r}, but {path} does not "
+                                 "exist; fix the file name or remove the line")
+            pair[name] = path
+        out[row["file_name"]] = pair
+    return out
+
+
 def read_sidecar(image: Path) -> str | None:
     for ext in SIDECAR_EXTENSIONS:
         side = image.with_suffix(ext)
@@ -119,7 +149,9 @@ def images_and_captions(folder: str | os.PathLike, caption_column: str | None = 
         if not meta:
             raise ImageError(f"{folder / METADATA_FILE} lists no images; add lines or remove the file")
         present = {p.resolve() for p in list_images(folder, recursive=True)}
-        unlisted = present - {p.resolve() for p in meta}
+        # the paired images a line names (conditioning_image_file_name, ...) are listed too
+        named = {row[c].resolve() for _, row in metadata_rows(folder) for c in image_columns(row)}
+        unlisted = present - named
         if unlisted:
             logger.warning("%d image(s) in %s are not in %s and are not used, e.g. %s",
                            len(unlisted), folder, METADATA_FILE, sorted(unlisted)[0].name)

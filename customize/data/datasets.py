@@ -5,6 +5,8 @@ An example is a dict:
     pixel_values   (3, H, W) float32 in [-1, 1]
     prompt         str (the image's caption, else the dataset's default prompt)
     original_size, crop_top_left, target_size   (2,) int64 each, SDXL micro-conditioning of the applied transform
+    <name>_pixel_values   (3, H, W) float32 in [-1, 1] for each paired image (`paired_images`, e.g.
+                   conditioning_image -> conditioning_pixel_values), with the very same resize, crop and flip
 `collate_examples` stacks them; for pairs it puts the class examples after the instance ones and records how
 many there are in `num_prior` (DreamBooth eq. 2 splits the loss there).
 """
@@ -20,11 +22,25 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from customize.data.captions import METADATA_FILE, images_and_captions, metadata_rows
-from customize.data.images import ImageError, load_image, to_rgb
+from customize.data.captions import METADATA_FILE, images_and_captions, metadata_rows, read_paired
+from customize.data.images import ImageError, load_image, open_paired_image, paired_image, to_rgb
 from customize.data.transforms import ImageTransform
 
 logger = logging.getLogger(__name__)
+
+
+class ColumnError(ValueError, KeyError):
+    """A column a datasets-library set lacks: a ValueError (one line from the recipes) that is also the KeyError
+    this has always raised."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def paired_key(name: str) -> str:
+    """The example key of a paired image column: conditioning_image -> conditioning_pixel_values (the name
+    diffusers' ControlNet script uses), input_image -> input_pixel_values."""
+    return f"{name.removesuffix('_image')}_pixel_values"
 
 
 class ImageCaptionDataset(Dataset):
@@ -37,6 +53,9 @@ class ImageCaptionDataset(Dataset):
         self._hf = None
         self._image_column = self._caption_column = None
         self._captions: list[str | None] = []
+        # paired images: {name: column} of a datasets-library set, or one {name: path} per image of a folder
+        self._paired_columns: dict[str, str] = {}
+        self._paired_paths: list[dict[str, Path]] | None = None
 
     # -- constructors ------------------------------------------------------------------------------------------
 
@@ -44,12 +63,19 @@ class ImageCaptionDataset(Dataset):
     def from_folder(cls, folder: str | os.PathLike, resolution, *, center_crop: bool = False,
                     random_flip: bool = False, prompt: str | None = None, caption_column: str | None = None,
                     use_captions: bool = True, interpolation: str = "bilinear",
-                    warn_uncaptioned: bool = False) -> ImageCaptionDataset:
+                    warn_uncaptioned: bool = False, paired_images: Sequence[str] | dict[str, str] = ()
+                    ) -> ImageCaptionDataset:
         """Every image of `folder` (or those its metadata.jsonl lists). Captions come from metadata.jsonl or .txt
         sidecars when `use_captions`; an image without one gets `prompt` (and is an error if there is none).
-        `warn_uncaptioned` (the user asked for captions): one warning, naming the folder, when images have none."""
+        `warn_uncaptioned` (the user asked for captions): one warning, naming the folder, when images have none.
+        `paired_images` (e.g. ["conditioning_image"]): each image's partner named by metadata.jsonl's
+        `<name>_file_name` column, every line must have it (`read_paired`); {name: column prefix} reads a
+        name from another column."""
         ds = cls(ImageTransform(resolution, center_crop, random_flip, interpolation), prompt)
         images, captions = images_and_captions(folder, caption_column)
+        if paired_images:
+            pairs = read_paired(folder, paired_images if isinstance(paired_images, dict) else tuple(paired_images))
+            ds._paired_paths = [pairs[p] for p in images]
         ds._paths = images
         ds._captions = captions if use_captions else [None] * len(images)
         ds._check_prompts([str(p) for p in images])
@@ -67,20 +93,25 @@ class ImageCaptionDataset(Dataset):
     def from_hf(cls, name_or_path: str, resolution, *, image_column: str = "image",
                 caption_column: str | None = "text", split: str = "train", center_crop: bool = False,
                 random_flip: bool = False, prompt: str | None = None, interpolation: str = "bilinear",
-                cache_dir: str | None = None) -> ImageCaptionDataset:
+                cache_dir: str | None = None, paired_columns: dict[str, str] | None = None) -> ImageCaptionDataset:
         """A datasets-library data set: a folder written by `save_to_disk`, else anything `load_dataset`
-        takes (a hub name, a local imagefolder, a data-files folder)."""
+        takes (a hub name, a local imagefolder, a data-files folder). `paired_columns` ({name: column}, e.g.
+        {"conditioning_image": "conditioning_image"}) adds paired images read from those columns."""
         hf = load_hf_dataset(name_or_path, split=split, cache_dir=cache_dir)
         columns = list(hf.column_names)
-        wanted = [c for c in (image_column, caption_column) if c is not None]
+        paired_columns = dict(paired_columns or {})
+        flags = {image_column: "--image_column", caption_column: "--caption_column"}
+        flags.update({c: f"--{n}_column" for n, c in paired_columns.items()})
+        wanted = [c for c in (image_column, caption_column, *paired_columns.values()) if c is not None]
         missing = [c for c in wanted if c not in columns]
         if missing:
-            raise KeyError(f"{name_or_path}: no column {missing[0]!r}; its columns are {columns} "
-                           "(use --image_column / --caption_column)")
+            raise ColumnError(f"{name_or_path}: no column {missing[0]!r}; its columns are {columns} "
+                             f"(use {flags.get(missing[0], '--image_column / --caption_column')})")
         if len(hf) == 0:
             raise ImageError(f"{name_or_path} (split {split!r}) has no rows")
         ds = cls(ImageTransform(resolution, center_crop, random_flip, interpolation), prompt)
         ds._hf, ds._image_column, ds._caption_column = hf, image_column, caption_column
+        ds._paired_columns = paired_columns
         ds._captions = list(hf[caption_column]) if caption_column else [None] * len(hf)
         ds._check_prompts([f"{name_or_path}[{i}]" for i in range(len(hf))])
         return ds
@@ -101,19 +132,41 @@ class ImageCaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self._captions)
 
+    @property
+    def paired_names(self) -> tuple[str, ...]:
+        """The paired image columns every example carries (e.g. ("conditioning_image",))."""
+        if self._paired_paths is not None:
+            return tuple(self._paired_paths[0]) if self._paired_paths else ()
+        return tuple(self._paired_columns)
+
+    def _cell(self, i: int, column: str):
+        value = self._hf[i][column]
+        if isinstance(value, dict) and value.get("path") and not value.get("bytes"):
+            return value["path"]
+        if value is None:
+            raise ImageError(f"row {i}, column {column!r}: no image (null)")
+        if not isinstance(value, (str, os.PathLike, Image.Image)):
+            raise ImageError(f"row {i}, column {column!r}: expected an image or a path, got {type(value).__name__}")
+        return value
+
     def image(self, i: int) -> Image.Image:
         """The i-th image as RGB with its EXIF orientation applied."""
         if self._paths is not None:
             return load_image(self._paths[i])
-        value = self._hf[i][self._image_column]
+        value = self._cell(i, self._image_column)
         if isinstance(value, (str, os.PathLike)):
             return load_image(value)
-        if isinstance(value, dict) and value.get("path") and not value.get("bytes"):
-            return load_image(value["path"])
-        if not isinstance(value, Image.Image):
-            raise ImageError(f"row {i}, column {self._image_column!r}: expected an image or a path, "
-                             f"got {type(value).__name__}")
         return to_rgb(ImageOps.exif_transpose(value))
+
+    def paired(self, i: int, name: str) -> Image.Image:
+        """The i-th example's paired image `name` as RGB (`customize.data.images.paired_image`: no transparency)."""
+        if self._paired_paths is not None:
+            return open_paired_image(self._paired_paths[i][name], name.replace("_", " "))
+        column = self._paired_columns[name]
+        value = self._cell(i, column)
+        if isinstance(value, (str, os.PathLike)):
+            return open_paired_image(value, f"row {i}, column {column!r}:")
+        return paired_image(value, f"row {i}, column {column!r}")
 
     def prompt(self, i: int) -> str:
         caption = self._captions[i]
@@ -121,7 +174,18 @@ class ImageCaptionDataset(Dataset):
 
     def get(self, i: int, flip: bool | None = None) -> dict:
         """The i-th example; `flip` forces the flip decision (None: random when random_flip is on)."""
-        example = self.transform(self.image(i), flip=flip)
+        image = self.image(i)
+        paired = {}
+        for name in self.paired_names:
+            other = self.paired(i, name)
+            if other.size != image.size:
+                where = str(self._paths[i]) if self._paths is not None else f"row {i}"
+                src = self._paired_paths[i][name] if self._paired_paths is not None else self._paired_columns[name]
+                raise ImageError(f"{where}: its {name.replace('_', ' ')} ({src}) is {other.size[0]}x{other.size[1]} "
+                                 f"but the image is {image.size[0]}x{image.size[1]}; they must have the same size "
+                                 "(both get the same crop and flip)")
+            paired[paired_key(name)] = other
+        example = self.transform(image, flip=flip, paired=paired)
         example["prompt"] = self.prompt(i)
         return example
 

@@ -87,6 +87,33 @@ def load_image(path: str | os.PathLike, mode: str = "RGB", min_size: int = 1) ->
     return img
 
 
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def paired_image(img: Image.Image, where: str) -> Image.Image:
+    """A paired image (a ControlNet's conditioning image, an edit's input image) as 8-bit RGB, with its EXIF
+    orientation applied. Refused, naming `where`: a transparent image (flattening it onto white, as `to_rgb` does
+    for a training image, would change what a mask or an edge map says: save it without alpha)."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info):
+        raise ImageError(f"{where}: is a {img.mode} image with transparency; a paired (conditioning) image is read "
+                         "as RGB and flattening its alpha would change it: save it as RGB or greyscale")
+    return to_rgb(img)
+
+
+def open_paired_image(path: str | os.PathLike, where: str | None = None) -> Image.Image:
+    """`paired_image` of a file, with the errors of `load_image` for an unreadable one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{where or 'paired image'} {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{path}: cannot be read as an image ({e}); remove or replace the file") from None
+    return paired_image(im, f"{where + ' ' if where else ''}{path}")
+
+
 def save_image_atomic(img: Image.Image, path: str | os.PathLike, **kwargs) -> Path:
     """Write an image through a temporary file and a rename, so a killed run never leaves half a PNG."""
     from customize.utils import atomic_path

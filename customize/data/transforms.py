@@ -61,28 +61,40 @@ class ImageTransform:
         if self.interpolation not in RESAMPLING:
             raise ValueError(f"interpolation must be one of {sorted(RESAMPLING)}, got {self.interpolation!r}")
 
-    def __call__(self, img: Image.Image, flip: bool | None = None) -> dict:
+    def __call__(self, img: Image.Image, flip: bool | None = None, paired: dict[str, Image.Image] | None = None) -> dict:
+        """The transformed image and its SDXL conditioning; `paired` ({output key: image of the same size}) gets
+        the very same resize, crop and flip (a ControlNet's conditioning image, InstructPix2Pix's input image),
+        each as a (3, th, tw) tensor in [-1, 1] under its key."""
         th, tw = as_hw(self.resolution)
         w, h = img.size
         original_size = (h, w)
+        for key, other in (paired or {}).items():
+            if other.size != img.size:
+                raise ValueError(f"{key}: the paired image is {other.size[0]}x{other.size[1]} but its image is "
+                                 f"{w}x{h}; both must have the same size (they get the same crop)")
         # Shorter side -> target (both sides covered for a non-square target); the long side keeps the aspect.
         scale = max(th / h, tw / w)
         new_w, new_h = max(tw, int(round(w * scale))), max(th, int(round(h * scale)))
-        if (new_w, new_h) != (w, h):
-            img = img.resize((new_w, new_h), RESAMPLING[self.interpolation])
         if self.center_crop:
             top, left = int(round((new_h - th) / 2.0)), int(round((new_w - tw) / 2.0))
         else:
             top, left = random.randint(0, new_h - th), random.randint(0, new_w - tw)
-        img = img.crop((left, top, left + tw, top + th))
         if flip is None:
             flip = self.random_flip and random.random() < 0.5
-        if flip:
-            img = ImageOps.mirror(img)
-            left = new_w - left - tw
-        return {
-            "pixel_values": pil_to_tensor(img),  # (3, th, tw)
+
+        def geometry(im: Image.Image) -> Image.Image:
+            if (new_w, new_h) != (w, h):
+                im = im.resize((new_w, new_h), RESAMPLING[self.interpolation])
+            im = im.crop((left, top, left + tw, top + th))
+            return ImageOps.mirror(im) if flip else im
+
+        out = {
+            "pixel_values": pil_to_tensor(geometry(img)),  # (3, th, tw)
             "original_size": torch.tensor(original_size),  # (2,) (h, w)
-            "crop_top_left": torch.tensor((top, left)),  # (2,) (top, left)
+            # after a flip, the crop's left edge measured in the flipped image
+            "crop_top_left": torch.tensor((top, new_w - left - tw if flip else left)),  # (2,) (top, left)
             "target_size": torch.tensor((th, tw)),  # (2,) (h, w)
         }
+        for key, other in (paired or {}).items():
+            out[key] = pil_to_tensor(geometry(other))  # (3, th, tw)
+        return out

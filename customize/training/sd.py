@@ -14,7 +14,7 @@ SDXL also needs "time_ids" (B, 6) = (original_size, crop_top_left, target_size) 
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -147,17 +147,46 @@ def encode_images(vae, pixel_values: torch.Tensor, generator: torch.Generator | 
     return latents_from_moments(vae, image_moments(vae, pixel_values), generator)
 
 
-def unet_predict(unet, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: dict, time_ids: torch.Tensor | None = None):
-    """The UNet call of the pipelines: cross-attention on the text states, plus SDXL's added conditioning."""
-    added = None
-    if "text_embeds" in cond:
-        if time_ids is None:
-            raise ValueError("SDXL conditioning needs time_ids (original_size, crop_top_left, target_size)")
-        # one (1, 6) row serves a whole batch, as in the pipeline
-        added = {"text_embeds": cond["text_embeds"], "time_ids": time_ids.expand(noisy_latents.shape[0], -1)}
+def unet_predict(unet, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: dict, time_ids: torch.Tensor | None = None,
+                 **unet_kwargs):
+    """The UNet call of the pipelines: cross-attention on the text states, plus SDXL's added conditioning.
+    `unet_kwargs` go to the UNet unchanged (ControlNet's down_block_additional_residuals and
+    mid_block_additional_residual, cross_attention_kwargs, ...)."""
+    added = sdxl_added_conditioning(cond, time_ids, noisy_latents.shape[0])
     return unet(
-        noisy_latents, timesteps, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added, return_dict=False
+        noisy_latents, timesteps, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added,
+        return_dict=False, **unet_kwargs,
     )[0]  # (B, C, h, w)
+
+
+def sdxl_added_conditioning(cond: dict, time_ids: torch.Tensor | None, batch: int) -> dict | None:
+    """SDXL's `added_cond_kwargs` ({"text_embeds": (B, P), "time_ids": (B, 6)}) of a conditioning dict, None for SD
+    1.x/2.x: what the UNet and an SDXL ControlNet both take."""
+    if "text_embeds" not in cond:
+        return None
+    if time_ids is None:
+        raise ValueError("SDXL conditioning needs time_ids (original_size, crop_top_left, target_size)")
+    # one (1, 6) row serves a whole batch, as in the pipeline
+    return {"text_embeds": cond["text_embeds"], "time_ids": time_ids.expand(batch, -1)}
+
+
+# A method's extra UNet inputs (`batch_loss(..., unet_inputs=fn)`): fn(x_t, t, cond, time_ids) -> dict, called
+# once per loss with the noised latents x_t (B, C, h, w), the timesteps t (B,), the conditioning dict and the SDXL
+# time_ids (or None). The dict's "sample", when present, replaces x_t as the UNet's input (InstructPix2Pix:
+# cat([x_t, image latents], dim=1), more input channels); every other entry is passed to the UNet as a keyword
+# (ControlNet: down_block_additional_residuals, mid_block_additional_residual).
+UNetInputs = Callable[[torch.Tensor, torch.Tensor, dict, "torch.Tensor | None"], dict]
+
+
+def predict_with(unet, cond: dict, time_ids: torch.Tensor | None, unet_inputs: UNetInputs | None = None):
+    """predict(x_t, t) for `diffusion_loss`: the UNet with its conditioning bound, plus a method's extra inputs."""
+
+    def predict(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        extra = dict(unet_inputs(x_t, t, cond, time_ids)) if unet_inputs is not None else {}
+        sample = extra.pop("sample", x_t)
+        return unet_predict(unet, sample, t, cond, time_ids, **extra)
+
+    return predict
 
 
 def batch_latents(pipe, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -186,17 +215,21 @@ def batch_conditioning(pipe, batch: dict, latents: torch.Tensor) -> tuple[dict, 
     return cond, ids
 
 
-def batch_loss(pipe, batch: dict, cfg, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+def batch_loss(pipe, batch: dict, cfg, generator: torch.Generator | None = None,
+               unet_inputs: UNetInputs | None = None) -> dict[str, torch.Tensor]:
     """The DreamBooth / LoRA / fine-tune loss of one batch of `customize.data.collate_examples`, already on the
     training device (the engine sends it there): latents and conditioning as `batch_latents` /
-    `batch_conditioning` make them; the last batch["num_prior"] rows are class images."""
+    `batch_conditioning` make them; the last batch["num_prior"] rows are class images.
+
+    `unet_inputs` is where a method adds UNet inputs without copying this loss (see `UNetInputs`): ControlNet's
+    residuals, InstructPix2Pix's extra input channels. The same noise, timesteps and target either way."""
     latents = batch_latents(pipe, batch, generator)  # (B, C, h, w)
     cond, ids = batch_conditioning(pipe, batch, latents)
     num_prior = int(batch.get("num_prior", 0))
     return diffusion_loss(
         training_scheduler(pipe),
         latents,
-        lambda x_t, t: unet_predict(pipe.unet, x_t, t, cond, ids),
+        predict_with(pipe.unet, cond, ids, unet_inputs),
         noise_offset=cfg.noise_offset,
         snr_gamma=cfg.snr_gamma,
         num_prior=num_prior,
