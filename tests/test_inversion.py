@@ -68,7 +68,8 @@ def test_null_text_and_direct_beat_ddim_with_guidance_on_the_toy_base(toy, image
     null = inv.null_text_inversion(toy, image, PROMPT, num_inference_steps=n, guidance_scale=w, inner_steps=5,
                                    learning_rate=5e-2)
     direct = inv.direct_inversion(toy, image, PROMPT, num_inference_steps=n, guidance_scale=w)
-    assert null.uncond_embeds.shape == (n, toy.tokenizer.model_max_length, 64) and len(null.settings["final_losses"]) == n
+    assert null.uncond_embeds.shape == (n, toy.tokenizer.model_max_length, 64)
+    assert len(null.settings["final_losses"]) == n
     psnr = {k: inv.psnr(inv.reconstruct(toy, x), image) for k, x in
             (("ddim", ddim), ("null-text", null), ("direct", direct))}
     assert psnr["null-text"] > psnr["ddim"] + 0.3, psnr

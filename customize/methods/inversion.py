@@ -358,8 +358,8 @@ def sampling(pipe, inversion: Inversion, rows: int, source_row: int = 0, source_
     """Sampling `rows` images from an inversion through the pipeline's own call: yields (call_kwargs, callback).
 
     call_kwargs for the pipeline: latents (every row x_T), the inversion's guidance (the caller passes its step
-    count, height and width), the unconditional embeddings of step 0 as negative_prompt_embeds (and the pooled ones for SDXL), and the callback
-    tensor inputs. callback is for callback_on_step_end: after step i it puts step i + 1's null-text embedding
+    count, height and width), the unconditional embeddings of step 0 as negative_prompt_embeds (and the pooled
+    ones for SDXL), and the callback tensor inputs. callback is for callback_on_step_end: after step i it puts step i + 1's null-text embedding
     into the unconditional half of prompt_embeds (rows [uncond x rows, cond x rows]) and, for direct inversion,
     sets the source row to trajectory[i + 1]. Inside the block the pipeline's scheduler is the inversion's DDIM
     scheduler (the pipeline's own is put back afterwards). The given step count / size / guidance / source prompt,
