@@ -129,6 +129,7 @@ def edit(
     num_inference_steps: int | None = None,
     height: int | None = None,
     width: int | None = None,
+    inversion=None,
     **generate_kwargs,
 ) -> list:
     """Prompt-to-Prompt (Hertz et al. 2022): the source prompt and the target prompt(s) drawn as one batch from
@@ -147,10 +148,17 @@ def edit(
     (a caller's own callback_on_step_end runs after it) and removed afterwards; the UNet keeps its processors.
     generate_kwargs go to `generate` (negative_prompt, guidance_scale, output_type, cross_attention_kwargs, ...).
 
+    A real image: `inversion=` an Inversion of it (customize.methods.inversion: ddim, null-text, negative-prompt,
+    direct) made with `source_prompt`; every row starts from its x_T (`seed` is then unused), its step count,
+    size and guidance apply, the pipeline samples with its DDIM scheduler, and its per-step unconditional
+    embeddings (all rows) or direct inversion's source-row correction are applied in callback_on_step_end, before
+    the controller's step. Row 0 is then `reconstruct(pipe, inversion)`.
+
         from customize.attention import Replace
         source, square = edit(pipe, "a red circle on a blue background", "a red square on a blue background",
                               seed=0, controller=Replace(cross_replace_steps=0.8, self_replace_steps=0.4))
     """
+    import contextlib
     import inspect
 
     from customize.attention import install
@@ -169,8 +177,18 @@ def edit(
     default_side = pipe.unet.config.sample_size * scale
     latent = ((height or default_side) // scale, (width or default_side) // scale)
     user_callback = generate_kwargs.pop("callback_on_step_end", None)
+    inverted, inversion_step = contextlib.nullcontext(({}, None)), None
+    if inversion is not None:  # a real image: every row from x_T, the inversion's settings and per-step changes
+        from customize.methods.inversion import sampling
+
+        inverted = sampling(pipe, inversion, len(prompts), 0, source_prompt, num_inference_steps, height, width,
+                            generate_kwargs.pop("guidance_scale", None))
+        steps, height, width = inversion.num_inference_steps, inversion.height, inversion.width
+        latent = (height // scale, width // scale)
 
     def on_step_end(p, i, t, kwargs):
+        if inversion_step is not None:
+            kwargs = inversion_step(p, i, t, kwargs)
         kwargs = controller.step_callback(p, i, t, kwargs)
         return kwargs if user_callback is None else user_callback(p, i, t, kwargs)
 
@@ -178,7 +196,9 @@ def edit(
     controller.reset()
     before = install(pipe.unet, controller, latent)
     try:
-        return generate(pipe, prompts, [seed] * len(prompts), num_inference_steps=steps, height=height,
-                        width=width, batch_size=len(prompts), callback_on_step_end=on_step_end, **generate_kwargs)
+        with inverted as (inversion_kwargs, inversion_step):
+            return generate(pipe, prompts, [seed] * len(prompts), num_inference_steps=steps, height=height,
+                            width=width, batch_size=len(prompts), callback_on_step_end=on_step_end,
+                            **{**generate_kwargs, **inversion_kwargs})
     finally:
         pipe.unet.set_attn_processor(before)
