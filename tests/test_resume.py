@@ -31,9 +31,10 @@ def _command(out: Path, *extra: str) -> list[str]:
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     # The run to kill sleeps after each step, so the kill lands between checkpoint 3 and the end.
+    # The uninterrupted reference runs after the kill: run before it, on a loaded machine, it let the slowed run
+    # reach its last checkpoint before the watch below began.
     proc = subprocess.Popen(_command(cut, "--slow", "0.3"), env=_env(), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    subprocess.run(_command(ref), env=_env(), cwd=ROOT, check=True, capture_output=True)
     deadline = time.time() + 120
     while not ckpt.list_checkpoints(cut):
         if proc.poll() is not None:
@@ -49,6 +50,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     done = ckpt.list_checkpoints(cut)
     assert done and ckpt.checkpoint_step(done[-1]) < 12
 
+    subprocess.run(_command(ref), env=_env(), cwd=ROOT, check=True, capture_output=True)
     resumed = subprocess.run(_command(cut, "--resume_from_checkpoint", "latest"), env=_env(), cwd=ROOT,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
