@@ -576,6 +576,58 @@ class Reweight(Controller):
         return torch.cat([probs[:start + 1], scaled])
 
 
+class Observed(Controller):
+    """`controller` with observers riding along (an AttentionStore for the heat maps of an edit): every layer
+    either needs gets the explicit processor, each call goes to the observers that want it (their return
+    values ignored), then to the controller if it wants it (its maps are what the layer uses; None when it
+    does not want the call: the layer's own processor computes the output). Prepared, reset and advanced
+    together, the controller's step callback first (it may edit the latents).
+
+        store = AttentionStore()
+        edit(pipe, source, target, seed, Observed(Replace(0.8, 0.4), store))
+    """
+
+    def __init__(self, controller: Controller, *observers: Controller):
+        super().__init__()
+        self.controller, self.observers = controller, list(observers)
+        self.edits = getattr(controller, "edits", True)
+
+    def _all(self):
+        return [self.controller, *self.observers]
+
+    def prepare(self, tokenizer, prompts, num_steps):
+        super().prepare(tokenizer, prompts, num_steps)
+        for c in self._all():
+            c.prepare(tokenizer, prompts, num_steps)
+
+    def reset(self):
+        super().reset()
+        for c in self._all():
+            c.reset()
+
+    def step_callback(self, pipe, step, timestep, callback_kwargs):
+        for c in self._all():
+            callback_kwargs = c.step_callback(pipe, step, timestep, callback_kwargs)
+        return super().step_callback(pipe, step, timestep, callback_kwargs)
+
+    def layer_needed(self, name, is_cross, place, pixels):
+        return any(c.layer_needed(name, is_cross, place, pixels) for c in self._all())
+
+    def wants(self, is_cross, place, name, step, pixels):
+        return any(c.wants(is_cross, place, name, step, pixels) for c in self._all())
+
+    def __call__(self, probs, is_cross, place, name, step):
+        pixels = probs.shape[2]
+        for observer in self.observers:
+            if observer.wants(is_cross, place, name, step, pixels):
+                observer(probs, is_cross, place, name, step)
+        if self.edits and self.controller.wants(is_cross, place, name, step, pixels):
+            return self.controller(probs, is_cross, place, name, step)
+        if not self.edits and self.controller.wants(is_cross, place, name, step, pixels):
+            self.controller(probs, is_cross, place, name, step)
+        return None
+
+
 # ------------------------------------------------------------------------------------------------ local blending
 
 
