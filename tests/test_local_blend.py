@@ -107,3 +107,18 @@ def test_attention_heatmaps_of_an_edit(sd):
     assert words == SOURCE.split() and maps.shape[0] == len(words) and (maps >= 0).all()
     picture = attention_heatmaps(store, sd.tokenizer, SOURCE, images[0], tile=32)
     assert picture.width >= len(words) * 32
+
+
+def test_p2p_cases_swap_one_attribute():
+    from customize.toy import quality, world
+
+    for kind in quality.P2P_KINDS:
+        cases = quality.p2p_cases(kind, 6, seed=1)
+        assert cases == quality.p2p_cases(kind, 6, seed=1) and len(cases) == 6
+        for source, target, src, tgt in cases:
+            assert len(source.split()) == len(target.split())  # a word swap: Replace applies
+            assert [a for a in src if src[a] != tgt[a]] == [kind]
+            assert src["colour"] != src["background"] and tgt["colour"] != tgt["background"]
+            assert world.parse_caption(target)[kind] == tgt[kind]
+    with pytest.raises(ValueError, match="unknown edit kind"):
+        quality.p2p_cases("size", 1)
