@@ -27,8 +27,10 @@ Controller protocol (duck-typed; `Controller` is the base class with the default
                                     at install: does this layer get the explicit processor?
     wants(is_cross, place, name, step, pixels) -> bool
                                     per call: form M on this call? (pixels = N, the layer's query count h*w)
-    __call__(probs, is_cross, place, name, step) -> probs
-                                    probs (B, heads, N, L); returns the probabilities the layer uses (same shape).
+    __call__(probs, is_cross, place, name, step) -> probs | None
+                                    probs (B, heads, N, L); returns the probabilities the layer uses (same shape),
+                                    or None: this call was only observed, the layer's previous processor
+                                    computes the output (LocalBlend reads maps on steps its base leaves alone).
 
   `name` is the layer's processor key ("up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"),
   `place` "down" / "mid" / "up", `is_cross` the layer's own flag (Attention.is_cross_attention).
@@ -54,6 +56,10 @@ The Prompt-to-Prompt controllers (the math is in docs/methods.md, "Prompt-to-Pro
     Refine    added / removed words: M*[:, j] <- M[:, a(j)] for the target tokens j aligned with a source token
               a(j); new tokens keep their own maps. Self-attention as Replace.
     Reweight  M*[:, j] <- c_j M*[:, j] for the given words' tokens, after an optional base (Replace / Refine).
+    LocalBlend
+              edits the latents, not the maps: after each step from `start_blend` on, target latent
+              z* <- z + B (z* - z), B a binary mask from the blend words' cross-attention maps (the pixels where
+              the edit may happen); composes with a base (Replace / Refine / Reweight) that edits the maps.
     AttentionStore
               an observer: the maps averaged over heads and steps, per layer, for layers of at most
               `max_pixels` pixels (heat maps).
@@ -137,7 +143,8 @@ class ControlledProcessor:
         probs = attn.get_attention_scores(q.flatten(0, 1), k.flatten(0, 1), attention_mask)  # (B*heads, N, L)
         probs = probs.view(batch, heads, *probs.shape[1:])  # (B, heads, N, L)
         returned = ctl(probs, self.is_cross, self.place, self.name, step)
-        if not ctl.edits:  # an observer: the layer's own processor computes the output, bitwise as without it
+        if not ctl.edits or returned is None:  # observed only: the layer's own processor computes the output,
+            # bitwise as without the controller
             return self.inner(attn, hidden_states, encoder_hidden_states, mask, temb, *args, **kwargs)
         v = attn.to_v(context).view(batch, -1, heads, head_dim).transpose(1, 2)  # (B, heads, L, d)
         out = returned.to(v.dtype) @ v  # (B, heads, N, d)
@@ -289,6 +296,36 @@ class AttentionStore(Controller):
         grids = [F.interpolate(m.transpose(1, 2).reshape(m.shape[0], m.shape[2], s, s), size=(side, side),
                                mode="bilinear", align_corners=False) for m, s in zip(cross, sides)]
         return torch.stack(grids).mean(0)
+
+
+def word_maps(store: AttentionStore, tokenizer, prompt: str, index: int = 0,
+              side: int | None = None) -> tuple[list[str], torch.Tensor]:
+    """(words, (W, side, side)): the stored cross-attention map of each whitespace word of `prompt`, summed over
+    the word's tokens (each token's column of M; a word of several tokens is drawn where any of them attends),
+    from the conditional row of prompt `index` (0 the source of an edit; 0 for a plain one-prompt run) of
+    `store.cross_maps(side)`. What a user reads to choose blend words and reweighting: a word's map lights up
+    where the word is drawn."""
+    grids = store.cross_maps(side)  # (B, L, side, side)
+    rows = grids.shape[0]
+    n = store.num_prompts or (rows // 2 if rows % 2 == 0 else rows)
+    start = n if rows == 2 * n else 0
+    if not 0 <= index < n:
+        raise ValueError(f"prompt index {index} is out of range for a store of {n} prompt(s)")
+    row = grids[start + index]  # (L, side, side)
+    words = prompt.split()
+    positions = word_tokens(tokenizer, prompt)
+    return words, torch.stack([row[p].sum(0) for p in positions])
+
+
+def attention_heatmaps(store: AttentionStore, tokenizer, prompt: str, image, index: int = 0, tile: int = 128):
+    """A PNG-ready PIL image: one tile per word of `prompt`, the word's cross-attention map (`word_maps`) as a
+    heat overlay on `image` (the generated image of that prompt), labelled with the word
+    (customize.plots.heatmap_row). The start and end tokens are left out: they take most of the attention
+    everywhere and say nothing about where a word is drawn."""
+    from customize.plots import heatmap_row
+
+    words, maps = word_maps(store, tokenizer, prompt, index)
+    return heatmap_row(image, maps.numpy(), words, tile=tile, title=f"cross-attention: {prompt}")
 
 
 # ------------------------------------------------------------------------------------------------ tokens
@@ -518,11 +555,252 @@ class Reweight(Controller):
     def wants(self, is_cross, place, name, step, pixels):
         return is_cross or (self.base is not None and self.base.wants(is_cross, place, name, step, pixels))
 
+    def reset(self):
+        super().reset()
+        if self.base is not None:
+            self.base.reset()
+
+    def step_callback(self, pipe, step, timestep, callback_kwargs):
+        if self.base is not None:  # a base with work at the step's end (LocalBlend) gets its callback
+            callback_kwargs = self.base.step_callback(pipe, step, timestep, callback_kwargs)
+        return super().step_callback(pipe, step, timestep, callback_kwargs)
+
     def __call__(self, probs, is_cross, place, name, step):
         if self.base is not None and self.base.wants(is_cross, place, name, step, probs.shape[2]):
-            probs = self.base(probs, is_cross, place, name, step)
+            edited = self.base(probs, is_cross, place, name, step)
+            probs = probs if edited is None else edited  # None: the base only observed this call
         if not is_cross:
             return probs
         start = self.conditional_start(probs.shape[0])
         scaled = probs[start + 1:] * self.scale.to(probs)[:, None, None, :]  # (targets, h, N, L)
         return torch.cat([probs[:start + 1], scaled])
+
+
+class Observed(Controller):
+    """`controller` with observers riding along (an AttentionStore for the heat maps of an edit): every layer
+    either needs gets the explicit processor, each call goes to the observers that want it (their return
+    values ignored), then to the controller if it wants it (its maps are what the layer uses; None when it
+    does not want the call: the layer's own processor computes the output). Prepared, reset and advanced
+    together, the controller's step callback first (it may edit the latents).
+
+        store = AttentionStore()
+        edit(pipe, source, target, seed, Observed(Replace(0.8, 0.4), store))
+    """
+
+    def __init__(self, controller: Controller, *observers: Controller):
+        super().__init__()
+        self.controller, self.observers = controller, list(observers)
+        self.edits = getattr(controller, "edits", True)
+
+    def _all(self):
+        return [self.controller, *self.observers]
+
+    def prepare(self, tokenizer, prompts, num_steps):
+        super().prepare(tokenizer, prompts, num_steps)
+        for c in self._all():
+            c.prepare(tokenizer, prompts, num_steps)
+
+    def reset(self):
+        super().reset()
+        for c in self._all():
+            c.reset()
+
+    def step_callback(self, pipe, step, timestep, callback_kwargs):
+        for c in self._all():
+            callback_kwargs = c.step_callback(pipe, step, timestep, callback_kwargs)
+        return super().step_callback(pipe, step, timestep, callback_kwargs)
+
+    def layer_needed(self, name, is_cross, place, pixels):
+        return any(c.layer_needed(name, is_cross, place, pixels) for c in self._all())
+
+    def wants(self, is_cross, place, name, step, pixels):
+        return any(c.wants(is_cross, place, name, step, pixels) for c in self._all())
+
+    def __call__(self, probs, is_cross, place, name, step):
+        pixels = probs.shape[2]
+        for observer in self.observers:
+            if observer.wants(is_cross, place, name, step, pixels):
+                observer(probs, is_cross, place, name, step)
+        if self.edits and self.controller.wants(is_cross, place, name, step, pixels):
+            return self.controller(probs, is_cross, place, name, step)
+        if not self.edits and self.controller.wants(is_cross, place, name, step, pixels):
+            self.controller(probs, is_cross, place, name, step)
+        return None
+
+
+# ------------------------------------------------------------------------------------------------ local blending
+
+
+def _grid_of(pixels: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of a layer with `pixels` queries for latents of latent_hw: the level l where
+    ceil(H / 2^l) * ceil(W / 2^l) == pixels (see `layer_pixels`)."""
+    h, w = latent_hw
+    while h * w > pixels:
+        h, w = -(-h // 2), -(-w // 2)
+    if h * w != pixels:
+        raise ValueError(f"a layer of {pixels} pixels is no downsampling of {latent_hw[0]}x{latent_hw[1]} latents")
+    return h, w
+
+
+class LocalBlend(Controller):
+    """Local editing (Hertz et al. 2022, sec. 3.2 "local editing"): the edit may change only the pixels of the
+    blend words' objects; everything else keeps the source image's latent. After each step i >= start_blend T,
+
+        B_k = [ norm(dilate(A_k)) >= threshold ]                      (h x w latent grid, prompt k)
+        M_j = B_0 OR B_j                                              (source 0, target j: the old and the new object)
+        z*_j <- z_0 + M_j (z*_j - z_0)   = where(M_j, z*_j, z_0)      (the latents after the scheduler's step)
+
+    A_k is the cross-attention of prompt k's blend-word tokens (summed over the tokens; a word's map says where
+    the word is drawn), averaged over heads, over the cross-attention layers of at most `max_pixels` pixels
+    (the low-resolution layers, whose maps are object-sized blobs; each upsampled bilinearly to the latent grid)
+    and over the steps so far (the paper's running average: early steps fix where the object is, later ones
+    only sharpen it). dilate is a max-pool of window 2 `dilation` + 1 (the blurry maps fall short of the
+    object's edges), norm divides by the map's maximum over the image, so `threshold` is a fraction of the
+    peak (paper: 0.3). B is binary, so the blend is a selection (bitwise z*_j or z_0): threshold 0 leaves every
+    target as it is (the edit without LocalBlend); a threshold above 1 selects nothing, so every target ends on
+    the source latent (the source image). With `invert` the words mark what must stay: M_j = NOT (B_0 OR B_j)
+    (a background swap that keeps the shape).
+
+    words       the blend words (one or more whitespace words each): a list looked up in every prompt (each
+                prompt uses those it has), or one list per prompt ([source words, target 1 words, ...]); a
+                word in none of the prompts it is looked up in is a ValueError, and so is a (source, target)
+                pair neither of which has a blend word.
+    base        the controller that edits the attention maps (Replace, Refine, Reweight), or None (the maps
+                untouched: a plain generation of each target, blended).
+    start_blend fraction of the steps before blending starts (paper: 0.2): the first steps lay out the image,
+                and the maps are not yet meaningful.
+
+    The maps are read as the layer computes them (before the base edits them), on the conditional rows, and on
+    calls the base does not edit the layer's own processor computes the output (the image is what the base
+    alone gives, before blending). `masks` holds the last (targets, h, w) bool masks M_j.
+
+        LocalBlend(["circle", "square"], base=Replace(0.8, 0.4), threshold=0.3)
+    """
+
+    def __init__(self, words, base: Controller | None = None, threshold: float = 0.3, start_blend: float = 0.2,
+                 max_pixels: int = 32 * 32, dilation: int = 1, invert: bool = False):
+        super().__init__()
+        if isinstance(words, str):
+            words = [words]
+        words = list(words)
+        if not words:
+            raise ValueError("LocalBlend needs at least one blend word")
+        self.per_prompt = not isinstance(words[0], str)
+        self.words = [[str(w) for w in ([ws] if isinstance(ws, str) else ws)] for ws in words] if self.per_prompt \
+            else [str(w) for w in words]
+        if not math.isfinite(float(threshold)) or threshold < 0:
+            raise ValueError(f"LocalBlend threshold must be a number >= 0 (a fraction of the map's peak), got "
+                             f"{threshold!r}")
+        self.start_window = _window((float(start_blend), 1.0), "start_blend")
+        self.threshold, self.max_pixels, self.dilation = float(threshold), int(max_pixels), int(dilation)
+        self.invert, self.base = bool(invert), base
+        self.edits = base is not None and getattr(base, "edits", True)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.masks: torch.Tensor | None = None
+
+    def prepare(self, tokenizer, prompts, num_steps):
+        super().prepare(tokenizer, prompts, num_steps)
+        if len(prompts) < 2:
+            raise ValueError(f"LocalBlend blends target prompts into a source prompt: got {len(prompts)} prompt(s)")
+        if self.base is not None:
+            self.base.prepare(tokenizer, prompts, num_steps)
+        if self.per_prompt:
+            if len(self.words) != len(prompts):
+                raise ValueError(f"LocalBlend got {len(self.words)} lists of blend words for {len(prompts)} "
+                                 "prompts: give one list per prompt (source first), or one list for all")
+            positions = []
+            for prompt, words in zip(prompts, self.words):
+                found = []
+                for word in words:
+                    hits = _words_in(tokenizer, prompt, word)
+                    if not hits:
+                        raise ValueError(f"blend word {word!r} is not in the prompt {prompt!r}")
+                    found += hits
+                positions.append(found)
+        else:
+            positions = [[] for _ in prompts]
+            for word in self.words:
+                hits = [_words_in(tokenizer, p, word) for p in prompts]
+                if not any(hits):
+                    raise ValueError(f"blend word {word!r} is in none of the prompts: {list(prompts)}")
+                for k, h in enumerate(hits):
+                    positions[k] += h
+        for j, target in enumerate(prompts[1:], 1):
+            if not positions[0] and not positions[j]:
+                raise ValueError(f"LocalBlend: neither the source {prompts[0]!r} nor the target {target!r} has a "
+                                 f"blend word ({self.words})")
+        select = torch.zeros(len(prompts), tokenizer.model_max_length)
+        for k, found in enumerate(positions):
+            select[k, found] = 1.0
+        self.select = select  # (prompts, L): 1 on the blend words' tokens
+        self.has_words = torch.tensor([bool(p) for p in positions])  # (prompts,)
+
+    def reset(self):
+        super().reset()
+        if self.base is not None:
+            self.base.reset()
+        self.sums.clear()
+        self.counts.clear()
+        self.masks = None
+
+    def _reads(self, is_cross, pixels):
+        return is_cross and (pixels is None or pixels <= self.max_pixels)
+
+    def layer_needed(self, name, is_cross, place, pixels):
+        return self._reads(is_cross, pixels) or (
+            self.base is not None and self.base.layer_needed(name, is_cross, place, pixels))
+
+    def wants(self, is_cross, place, name, step, pixels):
+        return (self._reads(is_cross, pixels) and step < self.num_steps) or (
+            self.base is not None and self.base.wants(is_cross, place, name, step, pixels))
+
+    def __call__(self, probs, is_cross, place, name, step):
+        pixels = probs.shape[2]
+        if self._reads(is_cross, pixels) and step < self.num_steps:
+            start = self.conditional_start(probs.shape[0])
+            cond = probs[start:start + self.num_prompts].detach().float().mean(1)  # (prompts, N, L)
+            m = torch.einsum("knl,kl->kn", cond, self.select.to(cond.device))  # (prompts, N): blend words' maps
+            self.sums[name] = self.sums[name] + m if name in self.sums else m
+            self.counts[name] = self.counts.get(name, 0) + 1
+        if self.base is not None and self.base.wants(is_cross, place, name, step, pixels):
+            return self.base(probs, is_cross, place, name, step)
+        return None  # observed only: the layer's own processor computes the output
+
+    def word_masks(self, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """(prompts, h, w) bool B_k from the maps read so far: averaged over steps and layers on the latent
+        grid, dilated, divided by their maximum, thresholded (a prompt without blend words: empty)."""
+        if not self.sums:
+            raise ValueError("LocalBlend read no cross-attention maps: no cross-attention layer has at most "
+                             f"max_pixels={self.max_pixels} pixels at this size (raise max_pixels)")
+        grids = []
+        for name, total in self.sums.items():
+            gh, gw = _grid_of(total.shape[1], latent_hw)
+            grid = (total / self.counts[name]).view(-1, 1, gh, gw)  # (prompts, 1, gh, gw)
+            grids.append(F.interpolate(grid, size=latent_hw, mode="bilinear", align_corners=False))
+        a = torch.stack(grids).mean(0)  # (prompts, 1, h, w)
+        r = self.dilation
+        if r > 0:
+            a = F.max_pool2d(a, 2 * r + 1, stride=1, padding=r)
+        a = a / a.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)  # peak 1 (an all-zero map stays 0)
+        binary = a[:, 0] >= self.threshold  # (prompts, h, w)
+        return binary & self.has_words.to(binary.device)[:, None, None]
+
+    def step_callback(self, pipe, step, timestep, callback_kwargs):
+        if self.base is not None:
+            callback_kwargs = self.base.step_callback(pipe, step, timestep, callback_kwargs)
+        self.step = step + 1
+        if not bool(_on(self.start_window, self.num_steps)[min(step, self.num_steps - 1)]):
+            return callback_kwargs
+        latents = callback_kwargs["latents"]  # (prompts, C, h, w): one row per prompt, after the scheduler step
+        if latents.shape[0] != self.num_prompts:
+            raise ValueError(f"LocalBlend prepared for {self.num_prompts} prompts got {latents.shape[0]} latent rows "
+                             "(one image per prompt)")
+        b = self.word_masks(tuple(latents.shape[2:])).to(latents.device)
+        masks = b[:1] | b[1:]  # (targets, h, w): where the old object or the new one is
+        if self.invert:
+            masks = ~masks
+        self.masks = masks
+        src, tgt = latents[:1], latents[1:]
+        blended = torch.where(masks[:, None], tgt, src)  # z*_j <- z_0 + M_j (z*_j - z_0), M_j binary
+        return {**callback_kwargs, "latents": torch.cat([src, blended])}

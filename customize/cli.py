@@ -27,6 +27,7 @@ Personalise and edit Stable Diffusion 1.x / 2.x and SDXL models.
 examples:
   customize generate -m stable-diffusion-v1-5/stable-diffusion-v1-5 --prompt "a photo of a dog" --out out/
   customize generate -m tiny-sd --prompt "a red circle" --steps 4        (a tiny in-memory model, no download)
+  customize edit -m tiny-sd --prompt "a red circle" --target "a red square" --steps 4 -o out/   (Prompt-to-Prompt)
   customize inspect my_lora.safetensors                                  (format, family, rank, alpha, per block)
   customize convert pytorch_lora_weights.safetensors my_lora.safetensors --to kohya
   customize merge dog.safetensors style.safetensors:0.7 --method ties --rank 16 -o dog_style.safetensors
@@ -71,6 +72,38 @@ value serves every ControlNet):
 --conditioning-scale S   multiplies the ControlNet's residuals (default 1.0)
 --guess-mode             the ControlNet sees the conditional half only, residuals ramped 0.1 -> 1
 --control-start/-end F   the fraction of the steps the ControlNet acts on (default 0 and 1)
+"""
+
+EDIT_HELP = """\
+Edit an image by editing its prompt (Prompt-to-Prompt, Hertz et al. 2022; docs/methods.md, 'Prompt-to-Prompt'):
+the source prompt and every --target are drawn from the same seed in one batch while the targets take the
+source's attention maps, so the layout stays and only what the words changed changes.
+
+Writes into --out: source.png, edited-<i>.png (one per --target, in order, from 0), attention.png (the source
+prompt's per-word cross-attention maps over the source image: where each word is drawn, to choose --blend
+words and --reweight weights), grid.png (source and edits side by side) and edit.json (every setting). Every
+file is written atomically; a folder that already holds them is refused unless --overwrite.
+
+  --replace (default)   word swap: the prompts have the same number of words ("circle" -> "square")
+  --refine              words added or removed ("a circle" -> "a red circle")
+  --cross-steps F       fraction of the steps the targets take the source's cross-attention (default 0.8)
+  --self-steps F        ... and its self-attention (default 0.4): more keeps more of the source's layout
+  --reweight WORD=C     scale a target word's attention by C (repeatable; 2 strengthens, 0.5 weakens)
+  --blend WORD          local blend: only the pixels of these words' objects change (repeatable; words of the
+                        source and/or the targets); --blend-threshold (default 0.3) is the fraction of the
+                        words' peak attention that counts as the object; --blend-invert keeps those pixels instead
+  --image FILE --inversion {null-text,negative-prompt,direct,ddim}
+                        edit a real image (--prompt describes it) through an inversion
+
+examples:
+  customize edit -m tiny-sd --prompt "a red circle on a blue background" \\
+      --target "a red square on a blue background" --steps 4 -o out/square
+  customize edit -m stable-diffusion-v1-5/stable-diffusion-v1-5 --prompt "a cat riding a bicycle" \\
+      --target "a dog riding a bicycle" --target "a tiger riding a bicycle" --blend cat --blend dog --blend tiger
+  customize edit -m ./my-model --prompt "a house in the snow" --target "a house in the snow" \\
+      --reweight snow=0.3 --cross-steps 1.0                   (less snow, same picture)
+  customize edit -m stabilityai/stable-diffusion-xl-base-1.0 --prompt "a photo of a cake" \\
+      --target "a photo of a chocolate cake" --refine --image cake.png --inversion null-text
 """
 
 INSPECT_HELP = """\
@@ -421,6 +454,158 @@ def cmd_generate(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# edit
+# ---------------------------------------------------------------------------------------------------------------
+
+INVERSIONS = ("null-text", "negative-prompt", "direct", "ddim")
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction in [0, 1]")
+    return value
+
+
+def parse_reweight(spec: str) -> tuple[str, float]:
+    """WORD=C -> (WORD, C); C a finite number >= 0."""
+    word, sep, value = spec.rpartition("=")
+    try:
+        weight = _finite_float(value) if sep and word.strip() else None
+    except ValueError:
+        weight = None
+    if weight is None or weight < 0:
+        raise ValueError(f"--reweight {spec!r}: write WORD=WEIGHT with a number >= 0, e.g. --reweight red=2")
+    return word.strip(), weight
+
+
+def _edit_outputs(out: Path, n_targets: int) -> list[Path]:
+    return [out / "source.png", *(out / f"edited-{i}.png" for i in range(n_targets)), out / "attention.png",
+            out / "grid.png", out / "edit.json"]
+
+
+def _check_edit_words(args, weights: dict[str, float]) -> None:
+    """What can be checked on the words before the model loads: Replace's equal word counts, the blend and
+    reweight words being in the prompts (the tokenizer's checks follow when the controller is prepared)."""
+    prompts = [args.prompt, *args.target]
+    if not args.refine:
+        for target in args.target:
+            if len(target.split()) != len(args.prompt.split()):
+                raise ValueError(f"--replace swaps words one for one, but the prompt has {len(args.prompt.split())} "
+                                 f"words and the target {target!r} has {len(target.split())}: use --refine for added "
+                                 "or removed words")
+
+    def contains(prompt: str, word: str) -> bool:
+        words, key = prompt.split(), word.split()
+        return any(words[i:i + len(key)] == key for i in range(len(words) - len(key) + 1))
+
+    for word in args.blend or []:
+        if not any(contains(p, word) for p in prompts):
+            raise ValueError(f"--blend {word!r}: the word is in neither the prompt nor a target ({prompts})")
+    for word in weights:
+        if not any(contains(t, word) for t in args.target):
+            raise ValueError(f"--reweight {word!r}: the word is in no target prompt ({args.target})")
+
+
+def cmd_edit(args) -> int:
+    if args.device:
+        generate_device(args.device)
+    if not args.target:
+        raise ValueError("no target: give --target TEXT (repeatable), the prompt as it should read after the edit")
+    if args.steps < 1:
+        raise ValueError("--steps must be at least 1")
+    if not math.isfinite(args.guidance):
+        raise ValueError(f"--guidance {args.guidance}: must be a finite number (e.g. 7.5; 1 turns guidance off)")
+    if not math.isfinite(args.blend_threshold) or args.blend_threshold < 0:
+        raise ValueError(f"--blend-threshold {args.blend_threshold}: must be a number >= 0 (a fraction of the peak)")
+    if (args.image is None) != (args.inversion is None):
+        raise ValueError("--image and --inversion go together: a real image is edited through an inversion "
+                         f"({', '.join(INVERSIONS)})")
+    if args.image is not None and not Path(args.image).is_file():
+        raise FileNotFoundError(f"--image {args.image}: no such file")
+    weights = dict(parse_reweight(s) for s in args.reweight or [])
+    _check_edit_words(args, weights)
+    out = Path(args.out)
+    outputs = _edit_outputs(out, len(args.target))
+    existing = [p.name for p in outputs if p.exists()]
+    if existing and not args.overwrite:
+        raise FileExistsError(f"{out} already holds {', '.join(existing)}: pass --overwrite to replace them, or give "
+                              "another --out folder")
+    invert = None
+    if args.image is not None:
+        import importlib
+
+        try:
+            invert = importlib.import_module("customize.methods.inversion").invert
+        except ModuleNotFoundError as e:
+            if e.name != "customize.methods.inversion":
+                raise
+            raise ValueError("--image: real-image editing needs customize.methods.inversion, which this install "
+                             "does not have; edit a generated image (--seed) instead") from None
+
+    from diffusers.utils import logging as diffusers_logging
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from customize.attention import AttentionStore, LocalBlend, Observed, Refine, Replace, Reweight, attention_heatmaps
+    from customize.data.images import save_image_atomic
+    from customize.inference import edit
+    from customize.models import load_pipeline
+    from customize.training.tracking import image_grid
+    from customize.utils import atomic_path, default_device
+
+    diffusers_logging.set_verbosity_error()
+    device = generate_device(args.device) if args.device else default_device()
+    pipe = load_pipeline(args.model, dtype=args.dtype, scheduler=args.scheduler)
+    width, height = _image_size(pipe, args.width, args.height)
+    pipe.to(device)
+
+    controller = (Refine if args.refine else Replace)(cross_replace_steps=args.cross_steps,
+                                                       self_replace_steps=args.self_steps)
+    if weights:
+        controller = Reweight(weights, base=controller)
+    if args.blend:
+        controller = LocalBlend(args.blend, base=controller, threshold=args.blend_threshold,
+                                invert=args.blend_invert)
+    store = AttentionStore()
+    bar = tqdm(total=args.steps, desc="editing", unit="step", disable=args.no_progress)
+
+    def on_step_end(pipeline, step, timestep, callback_kwargs):
+        bar.update(1)
+        return callback_kwargs
+
+    extra = {}
+    if invert is not None:
+        with Image.open(args.image) as im:
+            photo = im.copy()
+        extra["inversion"] = invert(pipe, photo, args.prompt, method=args.inversion, num_inference_steps=args.steps,
+                                    guidance_scale=args.guidance)
+    images = edit(pipe, args.prompt, args.target, args.seed, Observed(controller, store),
+                  num_inference_steps=args.steps, guidance_scale=args.guidance, height=height, width=width,
+                  negative_prompt=args.negative_prompt, callback_on_step_end=on_step_end, **extra)
+    bar.close()
+    source, edited = images[0], images[1:]
+    written = [save_image_atomic(source, outputs[0], pnginfo=_png_info(args.prompt, args.seed, args))]
+    for i, (img, target) in enumerate(zip(edited, args.target)):
+        written.append(save_image_atomic(img, outputs[1 + i], pnginfo=_png_info(target, args.seed, args)))
+    heat = attention_heatmaps(store, pipe.tokenizer, args.prompt, source, tile=max(128, source.width))
+    written.append(save_image_atomic(heat, outputs[-3]))
+    written.append(save_image_atomic(image_grid(images, cols=len(images)), outputs[-2]))
+    record = {
+        "model": args.model, "prompt": args.prompt, "targets": args.target, "seed": args.seed, "steps": args.steps,
+        "guidance": args.guidance, "negative_prompt": args.negative_prompt, "width": width, "height": height,
+        "scheduler": type(pipe.scheduler).__name__, "controller": "refine" if args.refine else "replace",
+        "cross_steps": args.cross_steps, "self_steps": args.self_steps, "reweight": weights,
+        "blend": args.blend or [], "blend_threshold": args.blend_threshold, "blend_invert": args.blend_invert,
+        "image": args.image, "inversion": args.inversion, "images": [p.name for p in written],
+    }
+    with atomic_path(outputs[-1]) as tmp:
+        tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    print(f"wrote {', '.join(p.name for p in written)} and edit.json into {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # inspect
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -741,6 +926,40 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="weights dtype (default: as stored)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
+
+    ed = sub.add_parser("edit", help="edit an image by editing its prompt (Prompt-to-Prompt)", description=EDIT_HELP,
+                        formatter_class=fmt)
+    ed.add_argument("-m", "--model", required=True, help="hub id, diffusers folder, single .safetensors/.ckpt file, or tiny-sd / tiny-sdxl")
+    ed.add_argument("-p", "--prompt", required=True, help="the source prompt (with --image: what the image shows)")
+    ed.add_argument("-t", "--target", action="append", help="the edited prompt (repeat for several edits)")
+    ed.add_argument("--negative-prompt", default=None, help="what the images should not show")
+    ed.add_argument("--seed", type=int, default=0, help="the seed every row is drawn from (default 0)")
+    ed.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    ed.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    ed.add_argument("--scheduler", default=None, help="as for generate (default: the model's own)")
+    how = ed.add_mutually_exclusive_group()
+    how.add_argument("--replace", action="store_true", help="word swap, same number of words (the default)")
+    how.add_argument("--refine", action="store_true", help="words added or removed")
+    ed.add_argument("--cross-steps", type=_fraction, default=0.8, metavar="F", help="fraction of the steps with the "
+                    "source's cross-attention (default 0.8)")
+    ed.add_argument("--self-steps", type=_fraction, default=0.4, metavar="F", help="fraction of the steps with the "
+                    "source's self-attention (default 0.4)")
+    ed.add_argument("--reweight", action="append", metavar="WORD=C", help="scale a target word's attention (repeatable)")
+    ed.add_argument("--blend", action="append", metavar="WORD", help="local blend: only these words' pixels change "
+                    "(repeatable)")
+    ed.add_argument("--blend-threshold", type=float, default=0.3, help="fraction of a blend word's peak attention "
+                    "that belongs to its object (default 0.3)")
+    ed.add_argument("--blend-invert", action="store_true", help="keep the blend words' pixels, change the rest")
+    ed.add_argument("--image", default=None, help="a real image to edit (with --inversion)")
+    ed.add_argument("--inversion", default=None, choices=INVERSIONS, help="how --image is inverted")
+    ed.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
+    ed.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
+    ed.add_argument("-o", "--out", default="outputs/edit", help="output folder (default outputs/edit)")
+    ed.add_argument("--overwrite", action="store_true", help="replace the files of an earlier edit in --out")
+    ed.add_argument("--device", default=None, help="cuda, cuda:1, mps, cpu (default: the best available)")
+    ed.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="weights dtype (default: as stored)")
+    ed.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ed.set_defaults(func=cmd_edit)
 
     i = sub.add_parser("inspect", help="describe a LoRA, embedding or safetensors file", description=INSPECT_HELP, formatter_class=fmt)
     i.add_argument("file", help="the file (or a folder with pytorch_lora_weights.safetensors / learned_embeds.safetensors)")

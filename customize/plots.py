@@ -1,7 +1,8 @@
 """Small charts drawn with PIL alone (the project takes no plotting dependency): `bar_chart` (one value per row,
 e.g. a LoRA's update norm per UNet block, `customize inspect --plot`) and `range_chart` (per row, the 5th-95th
 percentile range and median of one or more named series, e.g. ZipLoRA merger vectors per layer, with optional
-per-row extra values in a small bar column). Both return a white-background PIL image, readable at 1x with PIL's
+per-row extra values in a small bar column), and `heatmap_row` (heat maps over an image, one labelled tile per
+map: the per-word cross-attention maps of `customize.attention.attention_heatmaps`, `customize edit`). Both return a white-background PIL image, readable at 1x with PIL's
 default font, whose height grows with the number of rows; `save_chart` writes one atomically.
 """
 
@@ -241,6 +242,49 @@ def range_chart(labels, series: dict[str, list], *, title: str, extra: dict[str,
         text = _tick_text(t, step)
         draw.text((tx - _text_width(font, text) // 2, bottom + 5), text, fill=MUTED, font=font)
     return image
+
+
+def heat_colour(heat: np.ndarray) -> np.ndarray:
+    """(..., 3) uint8 colours for heat in [0, 1]: black -> red -> yellow -> white, brightness rising with the
+    heat (so the hottest pixel of an overlay on a flat image is its brightest, and it reads in grey too)."""
+    h = np.clip(np.asarray(heat, dtype=np.float32), 0.0, 1.0)[..., None]
+    ramps = np.clip(3.0 * h - np.asarray([0.0, 1.0, 2.0], dtype=np.float32), 0.0, 1.0)  # (..., 3): R, G, B
+    return (255 * ramps).round().astype(np.uint8)
+
+
+def heatmap_row(image: Image.Image, maps, labels, *, tile: int = 128, alpha: float = 0.6,
+                title: str = "") -> Image.Image:
+    """A row of tiles, one per map: the image (grey, resized to tile x tile) under the map as a heat overlay,
+    pixel = (1 - alpha) grey + alpha heat_colour(map / max(map)), the map resized bilinearly to the tile; each
+    tile's label under it (shortened in the middle when wider than the tile). maps: (W, h, w) array-like of
+    non-negative values, labels: W strings. Each map is scaled by its own maximum (where a word attends,
+    not how much), so an all-zero map is a dark tile."""
+    maps = np.asarray(maps, dtype=np.float32)
+    labels = [str(x) for x in labels]
+    if maps.ndim != 3 or len(labels) != maps.shape[0]:
+        raise ValueError(f"heatmap_row: {len(labels)} labels for maps of shape {tuple(maps.shape)} (want (W, h, w))")
+    font = _font()
+    line = _line_height(font)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    top = _header(probe, font, title, "", max(1, maps.shape[0]) * (tile + GAP) + PAD) if title else PAD
+    width = PAD + max(1, maps.shape[0]) * (tile + GAP) - GAP + PAD
+    canvas = Image.new("RGB", (width, top + tile + 4 + line + PAD), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        _header(draw, font, title, "", width)
+    grey = np.asarray(image.convert("L").resize((tile, tile), Image.Resampling.BICUBIC), dtype=np.float32)
+    grey = np.repeat(grey[..., None], 3, axis=-1)  # (tile, tile, 3)
+    for k, (m, label) in enumerate(zip(maps, labels)):
+        peak = float(m.max()) if m.size and np.isfinite(m).all() else 0.0
+        scaled = m / peak if peak > 0 else np.zeros_like(m)
+        heat = np.asarray(Image.fromarray(scaled.astype(np.float32), mode="F").resize((tile, tile),
+                                                                                      Image.Resampling.BILINEAR))
+        pixels = (1 - alpha) * grey + alpha * heat_colour(heat).astype(np.float32)
+        x = PAD + k * (tile + GAP)
+        canvas.paste(Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8)), (x, top))
+        text = _elide(font, label, tile)
+        draw.text((x + (tile - _text_width(font, text)) // 2, top + tile + 4), text, fill=TEXT, font=font)
+    return canvas
 
 
 def save_chart(image: Image.Image, path: str | os.PathLike) -> Path:

@@ -205,6 +205,6 @@ def test_specs_and_help():
         parse_lora_spec("a.safetensors:strong")
     parser = build_parser()
     sub = parser._subparsers._group_actions[0].choices
-    assert set(sub) == {"generate", "inspect", "convert", "merge", "env", "demo", "bench"}
-    for name in ("generate", "inspect", "convert", "merge", "env"):
+    assert set(sub) == {"generate", "edit", "inspect", "convert", "merge", "env", "demo", "bench"}
+    for name in ("generate", "edit", "inspect", "convert", "merge", "env"):
         assert "examples:" in sub[name].format_help()

@@ -156,3 +156,77 @@ def image_grid(images: Sequence[Image.Image], cols: int, scale: int = 1) -> Imag
 
     grid = tile(list(images), cols)
     return grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST) if scale > 1 else grid
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompt-to-Prompt edits of generated images
+# ---------------------------------------------------------------------------------------------------------------
+
+P2P_KINDS = ("shape", "colour", "background")
+P2P_PRESERVED = ("position", "size", "colour", "shape", "background")  # the edited attribute is left out
+
+
+def p2p_cases(kind: str, n: int, seed: int = 0) -> list[tuple[str, str, dict, dict]]:
+    """n (source prompt, target prompt, source attributes, target attributes) for an edit of `kind`: the shape
+    ("circle" -> "square"), the shape's colour or the background colour swapped for another base value, in
+    prompts "a <colour> <shape> on a <background> background" that leave position and size to the seed (so
+    those are what regenerating from the same seed may change, and what the edit must keep). Attributes drawn
+    from a generator seeded with `seed`, colour != background in both prompts."""
+    import numpy as np
+
+    if kind not in P2P_KINDS:
+        raise ValueError(f"unknown edit kind {kind!r}: one of {P2P_KINDS}")
+    rng = np.random.default_rng([seed, P2P_KINDS.index(kind)])
+    cases = []
+    while len(cases) < n:
+        shape = str(rng.choice(world.BASE_SHAPES))
+        colour, bg = (str(c) for c in rng.choice(world.BASE_COLOURS, 2, replace=False))
+        src = {"shape": shape, "colour": colour, "background": bg}
+        options = {"shape": [s for s in world.BASE_SHAPES if s != shape],
+                   "colour": [c for c in world.BASE_COLOURS if c not in (colour, bg)],
+                   "background": [c for c in world.BASE_COLOURS if c not in (colour, bg)]}[kind]
+        tgt = {**src, kind: str(rng.choice(options))}
+        prompt = lambda a: f"a {a['colour']} {a['shape']} on a {a['background']} background"  # noqa: E731
+        cases.append((prompt(src), prompt(tgt), src, tgt))
+    return cases
+
+
+def p2p_edit_scores(pipe, kind: str, controller_for, n: int = 16, seed: int = 0,
+                    guidance_scale: float = EVAL_GUIDANCE, num_inference_steps: int = EVAL_STEPS) -> dict:
+    """Prompt-to-Prompt against regenerating the target prompt from the same seed, on `p2p_cases(kind, n)`.
+    Case i is drawn from seed `seed + i`: `customize.inference.edit(pipe, source, target, seed + i,
+    controller_for(source, target))` gives the source image and the edit; `generate(pipe, target, [seed + i])`
+    the regeneration (the same initial latent, no attention control). The probes read all three.
+
+    Returned, for method "p2p" and "regen" (shares of the n cases):
+      {method}_success     the edited attribute reads as the target's
+      {method}_preserved   every other attribute (position, size and the two untouched of shape / colour /
+                           background) reads as in the source image
+      {method}_<attribute> each preserved attribute alone
+      {method}_iou         mean IoU of the shape's mask with the source image's (1 = drawn in the same pixels)
+      source_found         the source image's probe found a shape (the cases preservation is measured on)
+    plus "images": per case [source, p2p edit, regeneration] (PIL)."""
+    from customize.inference import edit, generate
+
+    cases = p2p_cases(kind, n, seed)
+    kept = [a for a in P2P_PRESERVED if a != kind]
+    tallies = {m: {"success": 0, "preserved": 0, "iou": 0.0, **{a: 0 for a in kept}} for m in ("p2p", "regen")}
+    images, found = [], 0
+    for i, (src_prompt, tgt_prompt, _, tgt) in enumerate(cases):
+        source, edited = edit(pipe, src_prompt, tgt_prompt, seed + i, controller_for(src_prompt, tgt_prompt),
+                              guidance_scale=guidance_scale, num_inference_steps=num_inference_steps)
+        regen = generate(pipe, tgt_prompt, [seed + i], guidance_scale=guidance_scale,
+                         num_inference_steps=num_inference_steps)[0]
+        images.append([source, edited, regen])
+        ref = probes.read(source)
+        found += ref.found
+        for method, image in (("p2p", edited), ("regen", regen)):
+            r, t = probes.read(image), tallies[method]
+            t["success"] += getattr(r, kind) == tgt[kind]
+            same = {a: ref.found and getattr(r, a) == getattr(ref, a) for a in kept}
+            for a, ok in same.items():
+                t[a] += ok
+            t["preserved"] += all(same.values())
+            t["iou"] += probes.mask_iou(r.mask, ref.mask) if ref.found else 0.0
+    out = {f"{m}_{k}": v / n for m, t in tallies.items() for k, v in t.items()}
+    return {**out, "source_found": found / n, "images": images}
