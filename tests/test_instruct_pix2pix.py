@@ -274,3 +274,50 @@ def test_bad_input_is_one_clear_line(tmp_path, pipes, folder):
     Image.new("RGB", (20, 20)).save(d / "00000_input_image.png")
     with pytest.raises(ImageError, match=r"is 20x20 but the image is 32x32"):
         build(d)[0]
+
+
+# -- the data recipe: Prompt-to-Prompt pairs ----------------------------------------------------------------------
+
+
+def test_p2p_pairs_recipe_writes_a_training_folder(tmp_path, pipes):
+    from customize.methods import ip2p_data
+    from customize.toy import world
+
+    # the scores: exact world pairs pass the probe filter, an edit that did nothing does not
+    rows = ip2p_data.toy_rows(6)
+    for i, row in enumerate(rows):
+        e = world.edit_pair(0, i)
+        assert (row["input"], row["edit"], row["output"]) == (world.caption(e.source), e.instruction,
+                                                               world.caption(e.target))
+        src, tgt = world.render(e.source, 64), world.render(e.target, 64)
+        assert ip2p_data.toy_probe_score(src, tgt, row) == 1.0
+        assert ip2p_data.toy_probe_score(src, src, row) < 1.0
+        assert ip2p_data.pixel_consistency(src, src) == 1.0 and ip2p_data.pixel_consistency(src, tgt) < 1.0
+    # word swap -> Replace, added / removed words -> Refine
+    from customize.attention import Refine, Replace
+
+    assert isinstance(ip2p_data.controller_for(None, "a red circle", "a blue circle", 0.4, 0.8), Replace)
+    assert isinstance(ip2p_data.controller_for(None, "a circle in the center", "a circle at the top left", 0.4, 0.8),
+                      Refine)
+    # the recipe: rows -> P2P pairs -> a folder the training recipe reads
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+    import make_ip2p_pairs
+
+    lines = [{"input": "a red circle", "edit": "make the circle blue", "output": "a blue circle"},
+             {"input": "a red square", "edit": "make it a large square", "output": "a large red square"}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = make_ip2p_pairs.main(["--pretrained_model_name_or_path", "tiny-sd", "--rows", str(tmp_path / "rows.jsonl"),
+                                "--output_dir", str(tmp_path / "pairs"), "--seeds", "0", "--self_replace_steps", "0.5",
+                                "--num_inference_steps", "2", "--resolution", str(RES), "--min_score", "0",
+                                "--no-progress"])
+    meta = [json.loads(x) for x in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [m["edit_prompt"] for m in meta] == [x["edit"] for x in lines]
+    assert all(0 <= m["score"] <= 1 for m in meta)
+    ds = ip2p.build_dataset(pipes["sd"], _cfg(out))
+    assert len(ds) == 2 and ds[0][ip2p.ORIGINAL_KEY].shape == (3, RES, RES)
+    # nothing passes: a clear error; a bad rows file: one line naming it
+    with pytest.raises(ValueError, match="no pair passed the consistency filter"):
+        ip2p_data.write_pairs(tmp_path / "none", [])
+    (tmp_path / "bad.jsonl").write_text('{"input": "a red circle", "edit": ""}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 1: needs \"input\".*lacks \['output'\]"):
+        ip2p_data.read_rows(tmp_path / "bad.jsonl")
