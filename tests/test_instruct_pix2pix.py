@@ -208,6 +208,9 @@ def test_sdxl_folder_loads_in_diffusers_with_the_same_image(tmp_path, pipes, fol
     ours = instruct_edit(ip2p.load_instruct_pipeline(str(tmp_path / "xl")), image, "make the square red", 0,
                          num_inference_steps=2)
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(expected))
+    from customize.models import load_pipeline
+
+    assert isinstance(load_pipeline(str(tmp_path / "xl")), StableDiffusionXLInstructPix2PixPipeline)
 
 
 # -- bad input ----------------------------------------------------------------------------------------------------
