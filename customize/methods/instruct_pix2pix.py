@@ -288,8 +288,8 @@ def build_dataset(pipe, cfg: InstructPix2PixConfig) -> ImageCaptionDataset:
                           "--edited_image_column / --edit_prompt_column").replace("--caption_column", "--edit_prompt_column")
         msg = msg.replace("(use --image_column)", "(use --edited_image_column)")
         raise ColumnError(msg) from None
-    for i, text in enumerate(ds._captions):
-        check_instruction(text, f"{source}[{i}]")
+    for i in range(len(ds)):
+        check_instruction(ds.prompt(i), f"{source}[{i}]")
     return ds
 
 
