@@ -202,3 +202,137 @@ def edit(
                             **{**generate_kwargs, **inversion_kwargs})
     finally:
         pipe.unet.set_attn_processor(before)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# InstructPix2Pix (Brooks et al. 2023): edit an image by an instruction, with image and text guidance
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_edit_image(pipe, image, what: str = "the input image"):
+    """The input image of an instruction edit as RGB, refused in one line: not a PIL image, transparent (another
+    mode: its alpha would be flattened and change the picture), or with a side that is not a multiple of the
+    VAE's downsampling factor (the pipeline would silently crop or resize it). Returns the RGB image."""
+    from PIL import Image
+
+    from customize.data.images import paired_image
+    from customize.models import vae_scale_factor
+
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"{what} must be a PIL image, got {type(image).__name__}")
+    image = paired_image(image, what)
+    factor = vae_scale_factor(pipe.vae)
+    w, h = image.size
+    if w % factor or h % factor or min(w, h) < factor:
+        fit = (max(factor, w // factor * factor), max(factor, h // factor * factor))
+        raise ValueError(f"{what} is {w}x{h}, but its sides must be multiples of the VAE's factor {factor}: "
+                         f"resize or crop it, e.g. to {fit[0]}x{fit[1]}")
+    return image
+
+
+def instruct_edit(
+    pipe,
+    image,
+    instruction: str,
+    seed: int,
+    *,
+    image_guidance_scale: float = 1.5,
+    guidance_scale: float = 7.5,
+    num_inference_steps: int | None = None,
+    **generate_kwargs,
+):
+    """InstructPix2Pix: `image` (PIL) edited by `instruction` through `pipe` (a diffusers
+    StableDiffusionInstructPix2PixPipeline or the XL one, e.g. `customize.methods.instruct_pix2pix.
+    load_instruct_pipeline(folder)`), drawn from `seed` by `generate`. Each step the pipeline combines three
+    predictions (customize.methods.instruct_pix2pix.guided_noise):
+
+        eps = eps(0, 0) + s_I (eps(I, 0) - eps(0, 0)) + s_T (eps(I, T) - eps(I, 0))
+
+    s_I = image_guidance_scale (higher: closer to the input image), s_T = guidance_scale (higher: follows the
+    instruction more). With s_T <= 1 (or s_I < 1) diffusers runs the fully conditioned prediction eps(I, T) alone.
+    The output has the input's size. generate_kwargs go to `generate` (negative_prompt, output_type, ...).
+    Returns one image."""
+    from customize.methods.instruct_pix2pix import check_instruct_unet, check_instruction
+    from customize.models import is_sdxl
+
+    check_instruct_unet(pipe)
+    check_instruction(instruction)
+    image = check_edit_image(pipe, image)
+    size = {"height": image.size[1], "width": image.size[0]} if is_sdxl(pipe) else {}
+    return generate(pipe, [instruction], [seed], image=image, image_guidance_scale=image_guidance_scale,
+                    guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, **size,
+                    **generate_kwargs)[0]
+
+
+def instruct_edit_grid(
+    pipe,
+    image,
+    instruction: str,
+    seed: int,
+    *,
+    image_guidance_scales: Sequence[float] = (1.0, 1.5, 2.0),
+    guidance_scales: Sequence[float] = (3.0, 7.5, 12.0),
+    **edit_kwargs,
+):
+    """The trade-off users tune: one `instruct_edit` per (s_I, s_T), all from the same seed. Returns (grid,
+    edits): the grid has one row per image guidance scale (top: the lowest) and one column per text guidance
+    scale (left: the lowest), edits is {(s_I, s_T): image}."""
+    from customize.training.tracking import image_grid
+
+    edits = {(si, st): instruct_edit(pipe, image, instruction, seed, image_guidance_scale=si, guidance_scale=st,
+                                     **edit_kwargs)
+             for si in image_guidance_scales for st in guidance_scales}
+    return image_grid(list(edits.values()), cols=len(guidance_scales)), edits
+
+
+def instruct_edit_files(
+    model: str,
+    image_path: str,
+    instruction: str,
+    out_dir: str,
+    *,
+    seeds: Sequence[int] = (0,),
+    image_guidance_scale: float = 1.5,
+    guidance_scale: float = 7.5,
+    num_inference_steps: int | None = None,
+    grid_image_guidance: Sequence[float] | None = None,
+    grid_guidance: Sequence[float] | None = None,
+    device: str | None = None,
+    dtype=None,
+) -> list:
+    """What `customize edit --instruction ... --image IN [--image-guidance 1.5 --guidance 7.5]` does: load the
+    InstructPix2Pix model folder (or hub id), edit the image once per seed and write out_dir/edit-seed<seed>.png
+    (atomically), the input as out_dir/input.png and a record edit.json; with grid_image_guidance and
+    grid_guidance also out_dir/grid-seed<seed>.png (`instruct_edit_grid`). Returns the paths written."""
+    import json
+    from pathlib import Path
+
+    from customize.data.images import open_paired_image, save_image_atomic
+    from customize.methods.instruct_pix2pix import check_instruction, load_instruct_pipeline
+    from customize.utils import atomic_path
+
+    check_instruction(instruction, "--instruction")
+    image = open_paired_image(image_path, "--image")
+    opts = {"torch_dtype": dtype} if dtype is not None else {}
+    pipe = load_instruct_pipeline(model, **opts)
+    if device is not None:
+        pipe.to(device)
+    image = check_edit_image(pipe, image, f"--image {image_path}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [save_image_atomic(image, out / "input.png")]
+    for seed in seeds:
+        edited = instruct_edit(pipe, image, instruction, seed, image_guidance_scale=image_guidance_scale,
+                               guidance_scale=guidance_scale, num_inference_steps=num_inference_steps)
+        written.append(save_image_atomic(edited, out / f"edit-seed{seed}.png"))
+        if grid_image_guidance and grid_guidance:
+            grid, _ = instruct_edit_grid(pipe, image, instruction, seed, image_guidance_scales=grid_image_guidance,
+                                         guidance_scales=grid_guidance, num_inference_steps=num_inference_steps)
+            written.append(save_image_atomic(grid, out / f"grid-seed{seed}.png"))
+    record = {"model": str(model), "image": str(image_path), "instruction": instruction, "seeds": list(seeds),
+              "image_guidance_scale": image_guidance_scale, "guidance_scale": guidance_scale,
+              "num_inference_steps": num_inference_steps,
+              "grid": {"image_guidance": list(grid_image_guidance or []), "guidance": list(grid_guidance or [])}}
+    with atomic_path(out / "edit.json") as tmp:
+        Path(tmp).write_text(json.dumps(record, indent=2) + "\n")
+    return [*written, out / "edit.json"]

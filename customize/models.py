@@ -71,6 +71,8 @@ def _pipeline_class(path_or_id: str):
     if os.path.isfile(index):
         with open(index) as f:
             name = json.load(f).get("_class_name", "")
+        if "InstructPix2Pix" in name:  # its own class: the UNet reads the input image too (8 channels)
+            return DiffusionPipeline
         if "XL" in name:
             return StableDiffusionXLPipeline
         if name == "StableDiffusionPipeline":

@@ -61,7 +61,9 @@ def metadata_rows(folder: str | os.PathLike) -> list[tuple[int, dict]]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise CaptionError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-        if not isinstance(row, dict) or "file_name" not in row:
+        # a line names its image as "file_name", or only as "<column>_file_name" (an InstructPix2Pix triplet:
+        # input_image_file_name, edited_image_file_name), which datasets' imagefolder reads as image columns
+        if not isinstance(row, dict) or not image_columns(row):
             raise CaptionError(f'{where}: needs a "file_name" entry naming an image in {folder}')
         for column in image_columns(row):
             row[column] = resolve_image_name(folder, row[column], where, column)
@@ -78,6 +80,9 @@ def read_metadata(folder: str | os.PathLike, caption_column: str | None = None) 
     lines: dict[Path, int] = {}
     for lineno, row in metadata_rows(folder):
         where = f"{meta}, line {lineno}"
+        if "file_name" not in row:
+            raise CaptionError(f'{where}: needs a "file_name" entry naming an image in {folder} (it has '
+                               f"{sorted(row)})")
         path = row["file_name"]
         if not path.is_file():
             raise ImageError(f"{where}: names {str(path.relative_to(folder))!r}, but {path} does not exist; "
@@ -114,6 +119,9 @@ def read_paired(folder: str | os.PathLike, names) -> dict[Path, dict[str, Path]]
     out: dict[Path, dict[str, Path]] = {}
     for lineno, row in metadata_rows(folder):
         where = f"{meta}, line {lineno}"
+        if "file_name" not in row:
+            raise CaptionError(f'{where}: needs a "file_name" entry naming an image in {folder} (it has '
+                               f"{sorted(row)})")
         pair = {}
         for name, prefix in names.items():
             column = f"{prefix}_file_name"
