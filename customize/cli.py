@@ -95,6 +95,12 @@ file is written atomically; a folder that already holds them is refused unless -
   --image FILE --inversion {null-text,negative-prompt,direct,ddim}
                         edit a real image (--prompt describes it) through an inversion
 
+InstructPix2Pix (Brooks et al. 2023; recipes/train_instruct_pix2pix.py): with --instruction "make the shape
+blue" --image IN, -m is an InstructPix2Pix model and no --prompt / --target is given; writes input.png,
+edit-seed<N>.png and edit.json, and with --grid-image-guidance / --grid-guidance a grid-seed<N>.png over those
+values (the image-fidelity / edit-strength trade-off: eps = eps(0,0) + s_I (eps(I,0) - eps(0,0)) +
+s_T (eps(I,T) - eps(I,0))).
+
 examples:
   customize edit -m tiny-sd --prompt "a red circle on a blue background" \\
       --target "a red square on a blue background" --steps 4 -o out/square
@@ -507,9 +513,50 @@ def _check_edit_words(args, weights: dict[str, float]) -> None:
             raise ValueError(f"--reweight {word!r}: the word is in no target prompt ({args.target})")
 
 
+def _instruct_edit(args) -> int:
+    """`customize edit --instruction`: InstructPix2Pix on --image (customize.inference.instruct_edit_files)."""
+    from customize.inference import instruct_edit_files
+
+    if args.image is None:
+        raise ValueError("--instruction edits an image: give --image IN.png")
+    if not Path(args.image).is_file():
+        raise FileNotFoundError(f"--image {args.image}: no such file")
+    clash = [flag for flag, value in (("--prompt", args.prompt), ("--target", args.target),
+                                      ("--inversion", args.inversion)) if value]
+    if clash:
+        raise ValueError(f"--instruction (InstructPix2Pix) takes no {', '.join(clash)}: those are Prompt-to-Prompt's")
+    for flag, value in (("--image-guidance", args.image_guidance), ("--guidance", args.guidance)):
+        if not math.isfinite(value):
+            raise ValueError(f"{flag} {value}: must be a finite number")
+    if bool(args.grid_image_guidance) != bool(args.grid_guidance):
+        raise ValueError("--grid-image-guidance and --grid-guidance go together (the grid's two axes)")
+    out = Path(args.out)
+    names = ["input.png", "edit.json", f"edit-seed{args.seed}.png"]
+    existing = [n for n in names if (out / n).exists()]
+    if existing and not args.overwrite:
+        raise FileExistsError(f"{out} already holds {', '.join(existing)}: pass --overwrite to replace them, or give "
+                              "another --out folder")
+    dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(args.dtype)
+    import torch
+
+    written = instruct_edit_files(args.model, args.image, args.instruction, str(out), seeds=[args.seed],
+                                  image_guidance_scale=args.image_guidance, guidance_scale=args.guidance,
+                                  num_inference_steps=args.steps, grid_image_guidance=args.grid_image_guidance,
+                                  grid_guidance=args.grid_guidance, device=args.device,
+                                  dtype=getattr(torch, dtype) if dtype else None)
+    for path in written:
+        print(path)
+    return 0
+
+
 def cmd_edit(args) -> int:
     if args.device:
         generate_device(args.device)
+    if args.instruction is not None:
+        return _instruct_edit(args)
+    if not args.prompt:
+        raise ValueError("no source prompt: give --prompt TEXT (what the image shows), or --instruction for "
+                         "InstructPix2Pix")
     if not args.target:
         raise ValueError("no target: give --target TEXT (repeatable), the prompt as it should read after the edit")
     if args.steps < 1:
@@ -533,15 +580,7 @@ def cmd_edit(args) -> int:
                               "another --out folder")
     invert = None
     if args.image is not None:
-        import importlib
-
-        try:
-            invert = importlib.import_module("customize.methods.inversion").invert
-        except ModuleNotFoundError as e:
-            if e.name != "customize.methods.inversion":
-                raise
-            raise ValueError("--image: real-image editing needs customize.methods.inversion, which this install "
-                             "does not have; edit a generated image (--seed) instead") from None
+        from customize.methods.inversion import invert
 
     from diffusers.utils import logging as diffusers_logging
     from PIL import Image
@@ -579,7 +618,7 @@ def cmd_edit(args) -> int:
         with Image.open(args.image) as im:
             photo = im.copy()
         extra["inversion"] = invert(pipe, photo, args.prompt, method=args.inversion, num_inference_steps=args.steps,
-                                    guidance_scale=args.guidance)
+                                    guidance_scale=args.guidance, height=height, width=width)
     images = edit(pipe, args.prompt, args.target, args.seed, Observed(controller, store),
                   num_inference_steps=args.steps, guidance_scale=args.guidance, height=height, width=width,
                   negative_prompt=args.negative_prompt, callback_on_step_end=on_step_end, **extra)
@@ -930,7 +969,8 @@ def build_parser() -> argparse.ArgumentParser:
     ed = sub.add_parser("edit", help="edit an image by editing its prompt (Prompt-to-Prompt)", description=EDIT_HELP,
                         formatter_class=fmt)
     ed.add_argument("-m", "--model", required=True, help="hub id, diffusers folder, single .safetensors/.ckpt file, or tiny-sd / tiny-sdxl")
-    ed.add_argument("-p", "--prompt", required=True, help="the source prompt (with --image: what the image shows)")
+    ed.add_argument("-p", "--prompt", default=None, help="the source prompt (with --image: what the image shows); "
+                    "required unless --instruction")
     ed.add_argument("-t", "--target", action="append", help="the edited prompt (repeat for several edits)")
     ed.add_argument("--negative-prompt", default=None, help="what the images should not show")
     ed.add_argument("--seed", type=int, default=0, help="the seed every row is drawn from (default 0)")
@@ -952,6 +992,13 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--blend-invert", action="store_true", help="keep the blend words' pixels, change the rest")
     ed.add_argument("--image", default=None, help="a real image to edit (with --inversion)")
     ed.add_argument("--inversion", default=None, choices=INVERSIONS, help="how --image is inverted")
+    ed.add_argument("--instruction", default=None, help="InstructPix2Pix: the edit as an instruction (with --image "
+                    "and an InstructPix2Pix -m)")
+    ed.add_argument("--image-guidance", type=float, default=1.5, help="InstructPix2Pix image guidance s_I (default 1.5)")
+    ed.add_argument("--grid-image-guidance", type=float, nargs="+", default=None, metavar="S",
+                    help="InstructPix2Pix: image-guidance values of the grid")
+    ed.add_argument("--grid-guidance", type=float, nargs="+", default=None, metavar="S",
+                    help="InstructPix2Pix: text-guidance values of the grid")
     ed.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
     ed.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
     ed.add_argument("-o", "--out", default="outputs/edit", help="output folder (default outputs/edit)")

@@ -43,7 +43,7 @@ LONG = " ".join(["a red circle"] * 30)
 
 
 @pytest.mark.parametrize("case", ["word-count", "too-long", "blend-word", "reweight-word", "no-target",
-                                  "image-alone", "real-image"])
+                                  "image-alone", "image-mode"])
 def test_edit_refuses_bad_input_and_writes_nothing(case, tmp_path, capsys):
     photo = tmp_path / "photo.png"
     Image.new("RGB", (32, 32)).save(photo)
@@ -54,20 +54,15 @@ def test_edit_refuses_bad_input_and_writes_nothing(case, tmp_path, capsys):
         "reweight-word": ["--target", TARGET, "--reweight", "circle=2"],
         "no-target": [],
         "image-alone": ["--target", TARGET, "--image", str(photo)],
-        "real-image": ["--target", TARGET, "--image", str(photo), "--inversion", "null-text"],
+        "image-mode": ["--target", TARGET, "--image", str(photo.with_name("rgba.png")), "--inversion", "ddim"],
     }[case]
-    if case == "real-image":
-        try:
-            import customize.methods.inversion  # noqa: F401
-            pytest.skip("customize.methods.inversion exists: real-image editing is tested with it")
-        except ModuleNotFoundError:
-            pass
+    Image.new("RGBA", (32, 32)).save(photo.with_name("rgba.png"))
     out = tmp_path / "out"
     assert main([*EDIT, "-o", str(out), *args]) == 1
     err = capsys.readouterr().err
     expected = {"word-count": "use --refine", "too-long": "tokens long", "blend-word": "--blend 'triangle'",
                 "reweight-word": "--reweight 'circle'", "no-target": "no target", "image-alone": "go together",
-                "real-image": "needs customize.methods.inversion"}[case]
+                "image-mode": "RGBA"}[case]
     assert expected in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
 
@@ -76,3 +71,24 @@ def test_edit_refusal_as_a_user_sees_it(tmp_path):
     run = customize(*EDIT, "--target", "a red square", "-o", str(tmp_path / "out"))
     assert_refused(run, "--replace swaps words one for one", "--refine")
     assert not (tmp_path / "out").exists()
+
+
+def test_edit_of_a_real_image_through_direct_inversion(tmp_path):
+    """--image --inversion direct: the source is the photo through the VAE (direct inversion reproduces its latent
+    exactly), and the target is edited."""
+    import torch
+
+    from customize.models import tiny_pipeline
+
+    g = np.random.default_rng(0)
+    photo = tmp_path / "photo.png"
+    Image.fromarray(g.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(photo)
+    out = tmp_path / "edit"
+    assert main([*EDIT, "--target", TARGET, "--image", str(photo), "--inversion", "direct", "-o", str(out)]) == 0
+    pipe = tiny_pipeline("sd")
+    with torch.no_grad():
+        x = torch.from_numpy(_png(photo)).permute(2, 0, 1)[None].float() / 127.5 - 1
+        latents = pipe.vae.encode(x).latent_dist.mode()
+        back = pipe.image_processor.postprocess(pipe.vae.decode(latents).sample, output_type="pil")[0]
+    assert np.abs(_png(out / "source.png") - np.asarray(back).astype(int)).max() <= 1
+    assert np.abs(_png(out / "edited-0.png") - _png(out / "source.png")).max() > 0

@@ -155,7 +155,7 @@ def test_both_guidance_scales_one_is_the_fully_conditioned_prediction(pipes):
 def test_recipe_model_loads_in_diffusers_with_the_same_image(tmp_path, folder):
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
-    from customize.inference import instruct_edit, instruct_edit_files
+    from customize.inference import instruct_edit
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
     import train_instruct_pix2pix
@@ -180,10 +180,15 @@ def test_recipe_model_loads_in_diffusers_with_the_same_image(tmp_path, folder):
     plain = instruct_edit(pipe, image, "make the circle blue", 0, num_inference_steps=3, image_guidance_scale=1.0,
                           guidance_scale=1.0)
     assert np.abs(np.asarray(plain, float) - np.asarray(ours, float)).max() > 0  # the scales matter
-    # the CLI's function writes the same image, and a grid over (s_I, s_T)
-    written = instruct_edit_files(str(out), str(folder / "00001_input_image.png"), "make the circle blue",
-                                  tmp_path / "edit", num_inference_steps=3, grid_image_guidance=[1.0, 1.5],
-                                  grid_guidance=[1.0, 7.5])
+    # `customize edit --instruction` writes the same image, and a grid over (s_I, s_T)
+    from customize.cli import main
+
+    args = ["edit", "-m", str(out), "--instruction", "make the circle blue", "--image",
+            str(folder / "00001_input_image.png"), "--steps", "3", "--grid-image-guidance", "1.0", "1.5",
+            "--grid-guidance", "1.0", "7.5", "-o", str(tmp_path / "edit"), "--no-progress"]
+    assert main(args) == 0
+    written = sorted((tmp_path / "edit").iterdir())
+    assert main(args) == 1  # the files of an earlier edit are refused without --overwrite
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "edit" / "edit-seed0.png")), np.asarray(expected))
     grid = Image.open(tmp_path / "edit" / "grid-seed0.png")
     assert grid.size == (2 * RES, 2 * RES)
