@@ -46,6 +46,22 @@ def resolve_image_name(folder: Path, name, where: str, column: str = "file_name"
     return folder / inside
 
 
+def jsonl_lines(path: str | os.PathLike) -> list[tuple[int, str, object]]:
+    """(line number, "<path>, line N", parsed value) of every non-empty line of a JSON-lines file; a line that
+    is not JSON is a CaptionError (a ValueError) naming the file and the line."""
+    path = Path(path)
+    out = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {lineno}"
+        try:
+            out.append((lineno, where, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise CaptionError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+    return out
+
+
 def metadata_rows(folder: str | os.PathLike) -> list[tuple[int, dict]]:
     """(line number, row) of every line of `folder/metadata.jsonl`, with each image column checked by
     `resolve_image_name` (every reader of the file goes through here, so every image column gets the same rule)
@@ -53,14 +69,7 @@ def metadata_rows(folder: str | os.PathLike) -> list[tuple[int, dict]]:
     folder = Path(folder)
     meta = folder / METADATA_FILE
     rows = []
-    for lineno, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{meta}, line {lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CaptionError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+    for lineno, where, row in jsonl_lines(meta):
         # a line names its image as "file_name", or only as "<column>_file_name" (an InstructPix2Pix triplet:
         # input_image_file_name, edited_image_file_name), which datasets' imagefolder reads as image columns
         if not isinstance(row, dict) or not image_columns(row):

@@ -57,24 +57,31 @@ def to_rgb(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | os.PathLike, mode: str = "RGB", min_size: int = 1) -> Image.Image:
-    """Open, apply EXIF orientation, convert to `mode` ("RGB" or "L"), check the size.
-
-    Raises ImageError naming the file for anything PIL cannot decode (truncated, not an image, empty)."""
+def open_image(path: str | os.PathLike, what: str = "image") -> Image.Image:
+    """The decoded image of a file as stored (mode, EXIF orientation untouched). Raises FileNotFoundError for a
+    missing file and ImageError naming the file for anything PIL cannot decode (truncated, not an image, empty)
+    or that declares far more pixels than is safe to open."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist")
+        raise FileNotFoundError(f"{what} {path} does not exist")
     try:
         with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
+            im.load()  # decoded now: the pixels stay usable once the file is closed
+        return im
     except Image.DecompressionBombError as e:
         # PIL's guard against a file that declares far more pixels than it holds (its header is read first)
         raise ImageError(f"{path}: too large to open safely ({e}); downscale it (training uses a few hundred "
                          "pixels a side) or remove it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{path}: cannot be read as an image ({e}); remove or replace the file") from None
-    img = to_rgb(im)
+
+
+def load_image(path: str | os.PathLike, mode: str = "RGB", min_size: int = 1) -> Image.Image:
+    """Open, apply EXIF orientation, convert to `mode` ("RGB" or "L"), check the size.
+
+    Raises ImageError naming the file for anything PIL cannot decode (truncated, not an image, empty)."""
+    path = Path(path)
+    img = to_rgb(ImageOps.exif_transpose(open_image(path)))
     if mode == "L":
         img = img.convert("L")
     elif mode != "RGB":
@@ -104,13 +111,7 @@ def paired_image(img: Image.Image, where: str) -> Image.Image:
 def open_paired_image(path: str | os.PathLike, where: str | None = None) -> Image.Image:
     """`paired_image` of a file, with the errors of `load_image` for an unreadable one."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{where or 'paired image'} {path} does not exist")
-    try:
-        with Image.open(path) as im:
-            im.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError(f"{path}: cannot be read as an image ({e}); remove or replace the file") from None
+    im = open_image(path, where or "paired image")
     return paired_image(im, f"{where + ' ' if where else ''}{path}")
 
 

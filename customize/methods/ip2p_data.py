@@ -32,7 +32,6 @@ edit_prompt, and the captions, the score, the seed and p of each kept pair.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -51,15 +50,10 @@ def read_rows(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file of caption rows")
+    from customize.data.captions import jsonl_lines
+
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+    for _, where, row in jsonl_lines(path):
         missing = [k for k in ("input", "edit", "output") if not isinstance(row, dict) or k not in row]
         if missing:
             raise ValueError(f'{where}: needs "input" (caption), "edit" (instruction) and "output" (edited caption); '
