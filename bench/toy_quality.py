@@ -15,6 +15,10 @@ The merge rows (merge-*) merge the subject LoRA with the style LoRA (each traine
 dreambooth-lora and style-lora rows train them) and ask "a sks shape in zwx style on a <red|green|blue>
 background": their own table has subject, style (stripes), bg, both (subject and stripes in one image) and the
 merge's seconds (ZipLoRA: its training, data included).
+The control rows (control-base, controlnet-mask) ask a held-out caption ("a red circle on a blue background")
+with a shape mask at a size and position no training scene had: their own table has IoU (generated shape vs
+mask), IoU>=0.5, shape, colour+bg and the first validation step with IoU >= 0.7; control-base is the base
+without control on the same prompts and seeds.
 Rows are a registry: `@row("name")` on a function `(ctx) -> {column: value}`; a method added later (e.g.
 textual inversion) registers its row the same way.
 """
@@ -47,6 +51,7 @@ class Context:
     seeds_per_prompt: int = 16  # images per subject prompt (3 unseen backgrounds: 48 images)
     n_class: int = 48  # class-prompt images for the drift column
     n_style: int = 48  # style prompts
+    n_control: int = 48  # ControlNet cases: held-out captions on held-out mask layouts
     seed: int = 0
     reuse_sources: bool = False  # merge rows: the source LoRAs of an earlier run in output_dir, when there
     cache: dict = field(default_factory=dict)  # what several rows share in one run (the merge rows' source LoRAs)
@@ -205,6 +210,59 @@ row("merge-ziplora")(lambda ctx: _ziplora_row("merge-ziplora", ctx))
 row("merge-ziplora-generated")(lambda ctx: _ziplora_row("merge-ziplora-generated", ctx, data="generated"))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# ControlNet on shape masks: held-out captions, masks at layouts the training scenes never had
+# ---------------------------------------------------------------------------------------------------------------
+
+CONTROL_COLUMNS = (
+    ("trained", "trained params"), ("seconds", "train s"), ("control_iou", "IoU"), ("control_hit", "IoU>=0.5"),
+    ("control_shape", "shape"), ("control_prompt", "colour+bg"), ("converged", "converged at"),
+)
+
+
+def _control_cases(ctx: Context) -> list:
+    return world.heldout_control_cases(ctx.n_control, ctx.seed)
+
+
+@row("control-base")
+def control_base_row(ctx: Context) -> dict:
+    """The base without control, asked the same prompts with the same seeds: IoU with a mask it never saw."""
+    scored = quality.control_scores(experiments.load_base(ctx.base), _control_cases(ctx), ctx.seed, control=False)
+    _save_samples("control-base", scored, ctx, 12)
+    return scored.scores
+
+
+def converged_step(logs: list[dict], key: str = "controllability/mask_iou", level: float = 0.7):
+    """The first validation step whose score reaches `level` (None: never)."""
+    return next((r["step"] for r in logs if r.get(key, 0.0) >= level), None)
+
+
+@row("controlnet-mask")
+def controlnet_mask_row(ctx: Context) -> dict:
+    import json
+
+    run = experiments.controlnet_mask(ctx.output_dir / "controlnet-mask", base=ctx.base, seed=ctx.seed)
+    scored = quality.control_scores(run.pipe, _control_cases(ctx), ctx.seed)
+    _save_samples("controlnet-mask", scored, ctx, 12)
+    scores_file = Path(run.output_dir) / "validation" / "scores.jsonl"
+    logs = [json.loads(line) for line in scores_file.read_text().splitlines()] if scores_file.is_file() else []
+    print("controlnet-mask validation IoU by step: " + ", ".join(
+        f"{r['step']}: {r['controllability/mask_iou']:.2f}" for r in logs) + f" ({scores_file.with_suffix('.png')})",
+        file=sys.stderr)
+    return {"trained": run.trained_parameters, "seconds": run.seconds, **scored.scores,
+            "converged": converged_step(logs)}
+
+
+def control_verdict(results: dict[str, dict]) -> str | None:
+    """The target: IoU >= 0.7 with control and clearly (>= 0.2) above the base without control."""
+    if "controlnet-mask" not in results or "control-base" not in results:
+        return None
+    ours, base = results["controlnet-mask"]["control_iou"], results["control-base"]["control_iou"]
+    met = ours >= 0.7 and ours - base >= 0.2
+    return f"ControlNet mask IoU {ours:.2f} vs {base:.2f} without control: target (>= 0.7, >= 0.2 above) " \
+           f"{'met' if met else 'not met'}"
+
+
 def ziplora_verdict(results: dict[str, dict]) -> str | None:
     """The target: ZipLoRA's both-at-once >= 60% and >= 15 points above the best training-free merge."""
     free = {n: results[n]["merge_both"] for n in MERGES if n in results}
@@ -223,6 +281,8 @@ def _cell(key: str, value) -> str:
         return f"{value / 1e6:.2f}M" if value >= 1e5 else f"{value / 1e3:.1f}k"
     if key == "seconds":
         return f"{value:.0f}"
+    if key == "converged":
+        return f"step {value}"
     if key == "merge_seconds":
         return f"{value:.2f}"
     return f"{value:.0%}"
@@ -280,13 +340,20 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = ROWS[name](ctx)
         print(f"[{name}: {time.perf_counter() - start:.0f} s]", file=sys.stderr)
     merges = {n: r for n, r in results.items() if n.startswith("merge-")}
-    others = {n: r for n, r in results.items() if n not in merges}
+    controls = {n: r for n, r in results.items() if n.startswith("control")}
+    others = {n: r for n, r in results.items() if n not in merges and n not in controls}
     if others:
         print(format_table(others) + "\n")
     if merges:
         print('asked "a sks shape in zwx style on a <red|green|blue> background" (16 seeds each):')
         print(format_table(merges, MERGE_COLUMNS) + "\n")
         verdict = ziplora_verdict(results)
+        if verdict:
+            print(verdict)
+    if controls:
+        print(f"asked a held-out caption with a mask at a held-out size / position ({ctx.n_control} cases):")
+        print(format_table(controls, CONTROL_COLUMNS) + "\n")
+        verdict = control_verdict(results)
         if verdict:
             print(verdict)
     for name in ("dreambooth-lora", "dreambooth", "pivotal"):
