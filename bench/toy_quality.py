@@ -19,6 +19,10 @@ The p2p rows (p2p-shape, p2p-colour, p2p-background) edit generated images by a 
 on a <bg> background" (Prompt-to-Prompt: Replace, the background swap with an inverted LocalBlend on the shape
 word) and compare with regenerating the target prompt from the same seed; their own table has the edit's success
 and what it kept (customize.toy.quality.p2p_edit_scores).
+The control rows (control-base, controlnet-mask) ask a held-out caption ("a red circle on a blue background")
+with a shape mask at a size and position no training scene had: their own table has IoU (generated shape vs
+mask), IoU>=0.5, shape, colour+bg and the first validation step with IoU >= 0.7; control-base is the base
+without control on the same prompts and seeds.
 Rows are a registry: `@row("name")` on a function `(ctx) -> {column: value}`; a method added later (e.g.
 textual inversion) registers its row the same way.
 """
@@ -51,6 +55,7 @@ class Context:
     seeds_per_prompt: int = 16  # images per subject prompt (3 unseen backgrounds: 48 images)
     n_class: int = 48  # class-prompt images for the drift column
     n_style: int = 48  # style prompts
+    n_control: int = 48  # ControlNet cases: held-out captions on held-out mask layouts
     seed: int = 0
     n_edits: int = 16  # p2p rows: edits per kind, one seed each
     reuse_sources: bool = False  # merge rows: the source LoRAs of an earlier run in output_dir, when there
@@ -263,6 +268,56 @@ def p2p_verdict(results: dict[str, dict]) -> str | None:
     parts = [f"{n}: kept {r['p2p_preserved']:.0%} vs {r['regen_preserved']:.0%}" for n, r in rows.items()]
     met = all(r["p2p_preserved"] > r["regen_preserved"] for r in rows.values())
     return f"P2P preserves more than regenerating ({'; '.join(parts)}): target {'met' if met else 'not met'}"
+# ControlNet on shape masks: held-out captions, masks at layouts the training scenes never had
+# ---------------------------------------------------------------------------------------------------------------
+
+CONTROL_COLUMNS = (
+    ("trained", "trained params"), ("seconds", "train s"), ("control_iou", "IoU"), ("control_hit", "IoU>=0.5"),
+    ("control_shape", "shape"), ("control_prompt", "colour+bg"), ("converged", "converged at"),
+)
+
+
+def _control_cases(ctx: Context) -> list:
+    return world.heldout_control_cases(ctx.n_control, ctx.seed)
+
+
+@row("control-base")
+def control_base_row(ctx: Context) -> dict:
+    """The base without control, asked the same prompts with the same seeds: IoU with a mask it never saw."""
+    scored = quality.control_scores(experiments.load_base(ctx.base), _control_cases(ctx), ctx.seed, control=False)
+    _save_samples("control-base", scored, ctx, 12)
+    return scored.scores
+
+
+def converged_step(logs: list[dict], key: str = "controllability/mask_iou", level: float = 0.7):
+    """The first validation step whose score reaches `level` (None: never)."""
+    return next((r["step"] for r in logs if r.get(key, 0.0) >= level), None)
+
+
+@row("controlnet-mask")
+def controlnet_mask_row(ctx: Context) -> dict:
+    import json
+
+    run = experiments.controlnet_mask(ctx.output_dir / "controlnet-mask", base=ctx.base, seed=ctx.seed)
+    scored = quality.control_scores(run.pipe, _control_cases(ctx), ctx.seed)
+    _save_samples("controlnet-mask", scored, ctx, 12)
+    scores_file = Path(run.output_dir) / "validation" / "scores.jsonl"
+    logs = [json.loads(line) for line in scores_file.read_text().splitlines()] if scores_file.is_file() else []
+    print("controlnet-mask validation IoU by step: " + ", ".join(
+        f"{r['step']}: {r['controllability/mask_iou']:.2f}" for r in logs) + f" ({scores_file.with_suffix('.png')})",
+        file=sys.stderr)
+    return {"trained": run.trained_parameters, "seconds": run.seconds, **scored.scores,
+            "converged": converged_step(logs)}
+
+
+def control_verdict(results: dict[str, dict]) -> str | None:
+    """The target: IoU >= 0.7 with control and clearly (>= 0.2) above the base without control."""
+    if "controlnet-mask" not in results or "control-base" not in results:
+        return None
+    ours, base = results["controlnet-mask"]["control_iou"], results["control-base"]["control_iou"]
+    met = ours >= 0.7 and ours - base >= 0.2
+    return f"ControlNet mask IoU {ours:.2f} vs {base:.2f} without control: target (>= 0.7, >= 0.2 above) " \
+           f"{'met' if met else 'not met'}"
 
 
 def ziplora_verdict(results: dict[str, dict]) -> str | None:
@@ -283,6 +338,8 @@ def _cell(key: str, value) -> str:
         return f"{value / 1e6:.2f}M" if value >= 1e5 else f"{value / 1e3:.1f}k"
     if key == "seconds":
         return f"{value:.0f}"
+    if key == "converged":
+        return f"step {value}"
     if key == "merge_seconds":
         return f"{value:.2f}"
     return f"{value:.0%}"
@@ -342,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{name}: {time.perf_counter() - start:.0f} s]", file=sys.stderr)
     merges = {n: r for n, r in results.items() if n.startswith("merge-")}
     edits = {n: r for n, r in results.items() if n.startswith("p2p-")}
-    others = {n: r for n, r in results.items() if n not in merges and n not in edits}
+    controls = {n: r for n, r in results.items() if n.startswith("control")}
+    others = {n: r for n, r in results.items() if n not in merges and n not in edits and n not in controls}
     if others:
         print(format_table(others) + "\n")
     if merges:
@@ -356,6 +414,12 @@ def main(argv: list[str] | None = None) -> int:
               "position, size and the untouched attributes read as in the source image):")
         print(format_table(edits, P2P_COLUMNS) + "\n")
         print(p2p_verdict(results))
+    if controls:
+        print(f"asked a held-out caption with a mask at a held-out size / position ({ctx.n_control} cases):")
+        print(format_table(controls, CONTROL_COLUMNS) + "\n")
+        verdict = control_verdict(results)
+        if verdict:
+            print(verdict)
     for name in ("dreambooth-lora", "dreambooth", "pivotal"):
         if name in results and f"{name}+prior" in results:
             without, with_ = results[name], results[f"{name}+prior"]

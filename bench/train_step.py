@@ -1,6 +1,8 @@
-"""LoRA DreamBooth training step: the toolkit against a diffusers-example loop, measured in the same run.
+"""LoRA DreamBooth and ControlNet training steps: the toolkit against a diffusers-example loop, measured in the
+same run.
 
     python bench/train_step.py                                  # CPU: mini SD1.5/SDXL and the tiny test pipelines
+    python bench/train_step.py --methods controlnet             # ControlNet only: mini-sd15, tiny-sd (GPU: sd15)
     python bench/train_step.py --device cuda                    # SD1.5 (512 px, batch 4) and SDXL (1024 px, batch 1)
     python bench/train_step.py --device cuda --compile          # the toolkit's UNet under torch.compile (CUDA graphs)
 
@@ -13,7 +15,14 @@ and text states cached once by the method's `prepare`, so a step runs the UNet a
 Both sides use models built from the same configs (random weights: speed depends on the architecture, not the
 weights) and the same images on disk. Each side runs `--rounds` times, alternating, so the machine's drift hits
 both; a step's time is the interval between two optimizer steps (data, forward, backward, clip, AdamW, logging),
-with warm-up steps left out; the report is the median. Peak memory is `torch.cuda.max_memory_allocated` (GPU only).
+with warm-up steps left out; the report is the median. Peak memory is `torch.cuda.max_memory_allocated` on a GPU;
+on the CPU the peak growth of the resident set, sampled every 5 ms (`PeakRSS`).
+
+The ControlNet row (`--methods controlnet`) puts the step of diffusers' train_controlnet.py (images and
+conditioning images read and transformed, VAE and text encoder on every step, ControlNet then UNet, AdamW on
+the ControlNet) against recipes/train_controlnet.py's (VAE moments, text states and the conditioning image cached
+once by the method's prepare: a step runs the ControlNet and the UNet), same learning rate 1e-5; no ceiling
+column there.
 
 The 'ceiling' column is the reference against its own UNet step run alone on inputs made once (no data loading,
 VAE, text encoder or engine): the most that caching and leaner data handling can gain. Where the VAE and text
@@ -329,6 +338,166 @@ def unet_only_loop(pipe, prompt: str, resolution: int, batch_size: int, steps: i
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# ControlNet: diffusers' train_controlnet.py step against the toolkit's (cached latents and text states)
+# ---------------------------------------------------------------------------------------------------------------
+
+CONTROLNET_LR = 1e-5  # the example's default
+# name: (builder, resolution, batch size); SD only (the SDXL example is a separate script).
+CONTROLNET_CONFIGS = {"mini-sd15": CONFIGS["mini-sd15"], "tiny-sd": CONFIGS["tiny-sd"], "sd15": CONFIGS["sd15"]}
+
+
+class ReferenceControlNetDataset(torch.utils.data.Dataset):
+    """diffusers' train_controlnet.py data: the image and its conditioning image opened, resized (shorter side)
+    and centre-cropped, the image normalised to [-1, 1], the conditioning image to [0, 1], the caption tokenized,
+    on every access (the example maps these transforms over the set lazily)."""
+
+    def __init__(self, folder: Path, tokenizer, resolution: int):
+        import json
+
+        self.folder, self.resolution, self.tokenizer = folder, resolution, tokenizer
+        self.rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def _load(self, name: str) -> torch.Tensor:
+        img = Image.open(self.folder / name).convert("RGB")
+        scale = self.resolution / min(img.size)
+        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BILINEAR)
+        left, top = (img.width - self.resolution) // 2, (img.height - self.resolution) // 2
+        img = img.crop((left, top, left + self.resolution, top + self.resolution))
+        return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W) in [0, 1]
+
+    def __getitem__(self, i):
+        row = self.rows[i]
+        ids = self.tokenizer(row["text"], truncation=True, padding="max_length",
+                             max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids[0]
+        return {"pixel_values": self._load(row["file_name"]) * 2 - 1,
+                "conditioning_pixel_values": self._load(row["conditioning_image_file_name"]), "input_ids": ids}
+
+
+def reference_controlnet_loop(pipe, folder: Path, prompt: str, resolution: int, batch_size: int, steps: int, device,
+                              mixed_precision: str) -> list[float]:
+    """The step of diffusers' train_controlnet.py: VAE encode and text encoder on every step (both frozen, in
+    the weight dtype), the ControlNet (from the UNet, fp32, trained) then the frozen UNet with its residuals,
+    MSE against the noise, clip, AdamW."""
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+
+    from customize.methods.controlnet import new_controlnet
+
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    weight_dtype = WEIGHT_DTYPES[mixed_precision]
+    # ControlNetModel.from_unet, as the example; its conditioning encoder sized to the VAE's factor (the tiny
+    # pipelines' is 2, not 8), the same network the toolkit trains
+    controlnet = new_controlnet(pipe).to(device).train()
+    for m in (pipe.vae, pipe.text_encoder, pipe.unet):
+        m.requires_grad_(False).to(device, dtype=weight_dtype)
+    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=CONTROLNET_LR, betas=(0.9, 0.999), weight_decay=1e-2,
+                                  eps=1e-8)
+    dataset = ReferenceControlNetDataset(folder, pipe.tokenizer, resolution)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True)
+    controlnet, optimizer, loader = accelerator.prepare(controlnet, optimizer, loader)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    vae, unet, text_encoder = pipe.vae, pipe.unet, pipe.text_encoder
+    stamps = []
+    while len(stamps) < steps:
+        for batch in loader:
+            with accelerator.accumulate(controlnet):
+                latents = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample()
+                latents = latents * vae.config.scaling_factor
+                noise = torch.randn_like(latents)
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                          device=latents.device).long()
+                noisy = noise_scheduler.add_noise(latents.float(), noise.float(), timesteps).to(weight_dtype)
+                states = text_encoder(batch["input_ids"], return_dict=False)[0]
+                down, mid = controlnet(noisy, timesteps, encoder_hidden_states=states,
+                                       controlnet_cond=batch["conditioning_pixel_values"].to(weight_dtype),
+                                       return_dict=False)
+                pred = unet(noisy, timesteps, encoder_hidden_states=states,
+                            down_block_additional_residuals=[r.to(weight_dtype) for r in down],
+                            mid_block_additional_residual=mid.to(weight_dtype), return_dict=False)[0]
+                loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(controlnet.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss.detach().item()
+            _sync(device)
+            stamps.append(time.perf_counter())
+            if len(stamps) >= steps:
+                break
+    return stamps
+
+
+def toolkit_controlnet_loop(pipe, name: str, folder: Path, prompt: str, resolution: int, batch_size: int, steps: int,
+                            device, mixed_precision: str, compile: bool, out_dir: Path,
+                            compile_mode: str = "default") -> list[float]:
+    """recipes/train_controlnet.py's run: VAE moments, text states and the conditioning image cached by the
+    method's prepare, so a step runs the ControlNet and the UNet alone."""
+    from customize.methods import controlnet as cn
+
+    cfg = cn.ControlNetConfig(
+        pretrained_model_name_or_path=name, train_data_dir=str(folder), resolution=resolution,
+        train_batch_size=batch_size, max_train_steps=steps, learning_rate=CONTROLNET_LR,
+        mixed_precision=mixed_precision, compile=compile, compile_mode=compile_mode, checkpointing_steps=0,
+        report_to="none", progress=False, output_dir=str(out_dir),
+    )
+    clocked = Clocked(cn.ControlNetMethod(), device)
+    dataset = cn.build_dataset(pipe, cfg)
+    train(clocked, cn.build_model(pipe, cfg), dataset, cfg)
+    return clocked.stamps
+
+
+def _write_pairs(folder: Path, resolution: int, seed: int = 0) -> Path:
+    """NUM_IMAGES random images, each with a conditioning image (random black-and-white blocks) and a caption,
+    as the metadata.jsonl folder both sides read."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(NUM_IMAGES):
+        h, w = resolution * 5 // 4, resolution * 3 // 2
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        blocks = (rng.random((h // 8 + 1, w // 8 + 1)) > 0.5).repeat(8, 0).repeat(8, 1)[:h, :w]
+        Image.fromarray((blocks * 255).astype(np.uint8)).convert("RGB").save(folder / f"{i}_cond.png")
+        rows.append({"file_name": f"{i}.png", "conditioning_image_file_name": f"{i}_cond.png",
+                     "text": "a photo of a room"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+class PeakRSS:
+    """CPU peak memory: the resident set size sampled every 5 ms on a thread, reported as the peak above the
+    size when sampling started (what a side allocates; freed pages the allocator keeps still count)."""
+
+    def __init__(self):
+        import threading
+
+        self.start, self.peak, self._stop = self._rss(), 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._rss() - self.start)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def _sync(device):
@@ -349,18 +518,19 @@ def _step_times(stamps: list[float], warmup: int) -> list[float]:
     return list(np.diff(stamps[warmup:]))
 
 
-def measure(name: str, args, device) -> dict:
+def measure(name: str, args, device, method: str = "lora") -> dict:
     build, resolution, batch = CONFIGS[name]
+    controlnet = method == "controlnet"
     cuda = torch.device(device).type == "cuda"
     mixed_precision = "bf16" if cuda else "no"
     steps = args.warmup + args.steps + 1
     prompt = "a photo of sks dog"
-    sides = ("reference", "toolkit", "unet-only")
+    sides = ("reference", "toolkit") if controlnet else ("reference", "toolkit", "unet-only")
     times = {k: [] for k in sides}
     peaks = {k: 0 for k in sides}
     warmups = {k: [] for k in sides}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = _write_images(Path(tmp) / "images", resolution)
+        folder = (_write_pairs if controlnet else _write_images)(Path(tmp) / "images", resolution)
         for r in range(args.rounds):
             for side in sides:
                 # Random weights drawn on the GPU itself: an SDXL-sized model initialised on the CPU takes minutes.
@@ -370,13 +540,18 @@ def measure(name: str, args, device) -> dict:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                 start = time.perf_counter()
-                if side == "reference":
-                    stamps = reference_loop(pipe, folder, prompt, resolution, batch, steps, device, mixed_precision)
-                elif side == "unet-only":
-                    stamps = unet_only_loop(pipe, prompt, resolution, batch, steps, device, mixed_precision)
-                else:
-                    stamps = toolkit_loop(pipe, name, folder, prompt, resolution, batch, steps, device,
-                                          mixed_precision, args.compile, Path(tmp) / f"out{r}", args.compile_mode)
+                reference = reference_controlnet_loop if controlnet else reference_loop
+                toolkit = toolkit_controlnet_loop if controlnet else toolkit_loop
+                with contextlib.nullcontext() if cuda else PeakRSS() as rss:
+                    if side == "reference":
+                        stamps = reference(pipe, folder, prompt, resolution, batch, steps, device, mixed_precision)
+                    elif side == "unet-only":
+                        stamps = unet_only_loop(pipe, prompt, resolution, batch, steps, device, mixed_precision)
+                    else:
+                        stamps = toolkit(pipe, name, folder, prompt, resolution, batch, steps, device,
+                                         mixed_precision, args.compile, Path(tmp) / f"out{r}", args.compile_mode)
+                if not cuda:
+                    peaks[side] = max(peaks[side], rss.peak)
                 times[side] += _step_times(stamps, args.warmup)
                 # set-up, caching, compilation and the warm-up steps, until the first timed step starts
                 warmups[side].append(stamps[args.warmup] - start)
@@ -386,9 +561,10 @@ def measure(name: str, args, device) -> dict:
                 gc.collect()
                 if cuda:
                     torch.cuda.empty_cache()
-    ref, ours, floor = (statistics.median(times[k]) for k in sides)
-    return {"name": name, "batch": batch, "resolution": resolution, "reference": ref, "toolkit": ours,
-            "ratio": ref / ours, "ceiling": ref / floor, "peaks": peaks, "precision": mixed_precision,
+    ref, ours = statistics.median(times["reference"]), statistics.median(times["toolkit"])
+    floor = statistics.median(times["unet-only"]) if "unet-only" in times else float("nan")
+    return {"name": name, "method": method, "batch": batch, "resolution": resolution, "reference": ref,
+            "toolkit": ours, "ratio": ref / ours, "ceiling": ref / floor, "peaks": peaks, "precision": mixed_precision,
             "warmup": {k: max(v) for k, v in warmups.items()}}
 
 
@@ -407,6 +583,8 @@ def main(argv=None):
                    help="torch.compile mode on CUDA (default: reduce-overhead, i.e. CUDA graphs, for a step "
                         "bound by kernel launches such as the eager SD1.5 LoRA step)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--methods", nargs="+", choices=("lora", "controlnet"), default=["lora", "controlnet"],
+                   help="the LoRA DreamBooth step, the ControlNet step (configs: %s), or both" % ", ".join(CONTROLNET_CONFIGS))
     args = p.parse_args(argv)
     cuda = torch.device(args.device).type == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -419,16 +597,22 @@ def main(argv=None):
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 3)
     configs = args.configs or (["sd15", "sdxl"] if cuda else ["mini-sd15", "mini-sdxl", "tiny-sd", "tiny-sdxl"])
     where = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"LoRA DreamBooth step, toolkit vs diffusers-example loop | {where} | torch {torch.__version__} | "
+    print(f"training step, toolkit vs diffusers-example loop | {where} | torch {torch.__version__} | "
           f"{args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up | "
           f"compile={args.compile_mode if args.compile and cuda else args.compile}")
-    print(f"{'config':<10} {'batch':>5} {'px':>5} {'precision':>9} {'reference s/step':>17} {'toolkit s/step':>15} "
-          f"{'speed-up':>9} {'ceiling':>8} {'ref peak GB':>12} {'ours peak GB':>13} {'warm-up s ref / ours':>21}")
-    for name in configs:
-        r = measure(name, args, args.device)
-        peak = (lambda b: f"{b / 2**30:.2f}") if cuda else (lambda b: "n/a")
-        print(f"{r['name']:<10} {r['batch']:>5} {r['resolution']:>5} {r['precision']:>9} {r['reference']:>17.4f} "
-              f"{r['toolkit']:>15.4f} {r['ratio']:>8.2f}x {r['ceiling']:>7.2f}x {peak(r['peaks']['reference']):>12} "
+    print(f"{'method':<10} {'config':<10} {'batch':>5} {'px':>5} {'precision':>9} {'reference s/step':>17} {'toolkit s/step':>15} "
+          f"{'speed-up':>9} {'ceiling':>8} {'ref peak':>12} {'ours peak':>13} {'warm-up s ref / ours':>21}")
+    runs = [(m, c) for m in args.methods for c in configs if m == "lora" or c in CONTROLNET_CONFIGS]
+    if "controlnet" in args.methods and not args.configs:  # the ControlNet configs: mini and tiny SD, or SD 1.5
+        runs = [(m, c) for m, c in runs if m == "lora"] + [("controlnet", c) for c in (
+            ["sd15"] if cuda else ["mini-sd15", "tiny-sd"])]
+    for method, name in runs:
+        r = measure(name, args, args.device, method)
+        # GPU: max_memory_allocated; CPU: the sampled growth of the resident set
+        peak = (lambda b: f"{b / 2**30:.2f} GB") if cuda else (lambda b: f"{b / 2**20:.0f} MB")  # noqa: E731
+        ceiling = "-" if r["ceiling"] != r["ceiling"] else f"{r['ceiling']:.2f}x"
+        print(f"{method:<10} {r['name']:<10} {r['batch']:>5} {r['resolution']:>5} {r['precision']:>9} {r['reference']:>17.4f} "
+              f"{r['toolkit']:>15.4f} {r['ratio']:>8.2f}x {ceiling:>8} {peak(r['peaks']['reference']):>12} "
               f"{peak(r['peaks']['toolkit']):>13} {r['warmup']['reference']:>10.1f} / {r['warmup']['toolkit']:<8.1f}",
               flush=True)
 

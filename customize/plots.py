@@ -1,8 +1,10 @@
 """Small charts drawn with PIL alone (the project takes no plotting dependency): `bar_chart` (one value per row,
 e.g. a LoRA's update norm per UNet block, `customize inspect --plot`) and `range_chart` (per row, the 5th-95th
 percentile range and median of one or more named series, e.g. ZipLoRA merger vectors per layer, with optional
-per-row extra values in a small bar column), and `heatmap_row` (heat maps over an image, one labelled tile per
-map: the per-word cross-attention maps of `customize.attention.attention_heatmaps`, `customize edit`). Both return a white-background PIL image, readable at 1x with PIL's
+per-row extra values in a small bar column), `heatmap_row` (heat maps over an image, one labelled tile per
+map: the per-word cross-attention maps of `customize.attention.attention_heatmaps`, `customize edit`) and
+`line_chart` (named series of (x, y) points over a shared x axis, e.g. a validation score against the training
+step). Each returns a white-background PIL image, readable at 1x with PIL's
 default font, whose height grows with the number of rows; `save_chart` writes one atomically.
 """
 
@@ -285,6 +287,76 @@ def heatmap_row(image: Image.Image, maps, labels, *, tile: int = 128, alpha: flo
         text = _elide(font, label, tile)
         draw.text((x + (tile - _text_width(font, text)) // 2, top + tile + 4), text, fill=TEXT, font=font)
     return canvas
+def line_chart(series: dict[str, list], *, title: str, x_label: str = "", width: int = 640,
+               height: int = 360) -> Image.Image:
+    """One line per named series through its (x, y) points (sorted by x), a dot on each point, one colour per
+    series (`PALETTE`, in order) with a legend under the title, on shared axes with round tick values (y from the
+    data's range, widened to a span when flat; a series of values in [0, 1] gets the axis [0, 1], so scores read
+    on a fixed scale). Non-finite points are left out; no point at all gives the axes and "(nothing to show)"."""
+    names = list(series)
+    if len(names) > len(PALETTE):
+        raise ValueError(f"line_chart: at most {len(PALETTE)} series, got {len(names)}")
+    points = {n: sorted((float(x), float(y)) for x, y in series[n] if math.isfinite(float(x)) and math.isfinite(float(y)))
+              for n in names}
+    xs = [x for p in points.values() for x, _ in p]
+    ys = [y for p in points.values() for _, y in p]
+    if ys and min(ys) >= 0 and max(ys) <= 1:
+        ylo, yhi = 0.0, 1.0
+    else:
+        ylo, yhi = (min(ys), max(ys)) if ys else (0.0, 1.0)
+    xlo, xhi = (min(xs), max(xs)) if xs else (0.0, 1.0)
+    spans = []
+    for lo, hi in ((xlo, xhi), (ylo, yhi)):
+        if hi - lo <= 1e-12 * max(abs(lo), abs(hi), 1.0):
+            half = 0.1 * abs(lo) if lo else 0.5
+            lo, hi = lo - half, hi + half
+        ticks = _nice_ticks(lo, hi)
+        spans.append((ticks, ticks[1] - ticks[0]))
+    (xticks, xstep), (yticks, ystep) = spans
+
+    font = _font()
+    line = _line_height(font)
+    image = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    top = _header(draw, font, title, "", width)
+    x = PAD
+    for k, name in enumerate(names):
+        draw.rectangle([x, top + 2, x + 10, top + 10], fill=PALETTE[k])
+        draw.text((x + 14, top), name, fill=TEXT, font=font)
+        x += 14 + _text_width(font, name) + 16
+    top += line + 6
+    ylabels = [_tick_text(t, ystep) for t in yticks]
+    x0 = PAD + max(_text_width(font, t) for t in ylabels) + 6
+    x1 = width - PAD - _text_width(font, _tick_text(xticks[-1], xstep)) // 2
+    y1 = height - PAD - line - (line if x_label else 0) - 4  # the x axis
+    y0 = top
+
+    def to_px(px: float, py: float) -> tuple[int, int]:
+        return (round(x0 + (px - xticks[0]) / (xticks[-1] - xticks[0]) * (x1 - x0)),
+                round(y1 - (py - yticks[0]) / (yticks[-1] - yticks[0]) * (y1 - y0)))
+
+    for t, text in zip(yticks, ylabels):
+        _, ty = to_px(xticks[0], t)
+        draw.line([x0, ty, x1, ty], fill=GRID, width=1)
+        draw.text((x0 - 6 - _text_width(font, text), ty - line // 2), text, fill=MUTED, font=font)
+    for t in xticks:
+        tx, _ = to_px(t, yticks[0])
+        draw.line([tx, y0, tx, y1], fill=GRID, width=1)
+        text = _tick_text(t, xstep)
+        draw.text((tx - _text_width(font, text) // 2, y1 + 4), text, fill=MUTED, font=font)
+    draw.line([x0, y1, x1, y1], fill=MUTED, width=1)
+    draw.line([x0, y0, x0, y1], fill=MUTED, width=1)
+    if x_label:
+        draw.text(((x0 + x1 - _text_width(font, x_label)) // 2, y1 + 4 + line), x_label, fill=MUTED, font=font)
+    if not ys:
+        draw.text((x0 + 6, y0 + 4), "(nothing to show)", fill=MUTED, font=font)
+    for k, name in enumerate(names):
+        pts = [to_px(px, py) for px, py in points[name]]
+        if len(pts) > 1:
+            draw.line(pts, fill=PALETTE[k], width=2)
+        for px, py in pts:
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=PALETTE[k], outline=TEXT)
+    return image
 
 
 def save_chart(image: Image.Image, path: str | os.PathLike) -> Path:

@@ -356,3 +356,56 @@ def test_canny_without_opencv_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "cv2", None)
     with pytest.raises(ImportError, match=r"pip install 'customize\[cv\]'"):
         control.canny(Image.new("RGB", (8, 8)))
+
+
+def test_controllability_scores_on_synthetic_images():
+    from customize.control import edge_f1, edge_tolerance
+    from customize.toy import world
+
+    # edge F1: a shifted copy within the tolerance is a full match, beyond it none; empty maps
+    ref = np.zeros((64, 64), dtype=bool)
+    ref[20, 10:50] = True
+    assert edge_tolerance(512, 512) == 5 and edge_tolerance(32, 32) == 1
+    assert edge_f1(np.roll(ref, 1, axis=0), ref, tolerance=1) == 1.0
+    assert edge_f1(np.roll(ref, 3, axis=0), ref, tolerance=1) == 0.0
+    half = ref.copy()
+    half[20, 30:50] = False  # half the edge found (and 1 px more within the tolerance), all correct: P = 1
+    assert edge_f1(half, ref, tolerance=1) == pytest.approx(2 * (21 / 40) / (1 + 21 / 40))
+    assert edge_f1(np.zeros_like(ref), np.zeros_like(ref)) == 1.0 and edge_f1(np.zeros_like(ref), ref) == 0.0
+    # mask IoU: the world's own render against its mask is (nearly) exact; another layout's mask is not
+    scene = world.Scene("square", "red", "blue", size="large")
+    control = world.control_map(scene)
+    assert cn.score_kind(control) == "mask_iou" and cn.score_kind(world.control_map(scene, "edge")) == "edge_f1"
+    assert cn.controllability(world.render(scene), control, "mask_iou") > 0.75  # the probe trims the soft rim
+    moved = world.Scene("square", "red", "blue", size="small", position="top left")
+    assert cn.controllability(world.render(moved), control, "mask_iou") < 0.2
+    # held-out layouts: sizes and centres no scene has
+    cases = world.heldout_control_cases(12)
+    assert {c.r for c in cases} == set(world.HELDOUT_RADII) and not set(world.HELDOUT_RADII) & set(world.SIZES.values())
+    assert all(c.mask.any() and (c.colour, c.shape, c.background) in world.HELD_OUT_COMBOS for c in cases)
+
+
+def test_validation_scores_are_logged_and_drawn(tmp_path):
+    """The engine's seam: a validate that returns {"images", "logs"} gets its scalars into the result and the
+    trackers, validation/scores.jsonl and the curve validation/scores.png; a resume replaces later rows."""
+    import json
+
+    from customize.training.tracking import record_validation_scores
+    from tests.engine_toy import ToyConfig, ToyMethod, run
+
+    class Scoring(ToyMethod):
+        def validate(self, model, cfg, step):
+            return {"images": super().validate(model, cfg, step), "logs": {"score": step / 10}}
+
+    cfg = ToyConfig(output_dir=str(tmp_path / "run"), max_train_steps=4, validation_steps=2, checkpointing_steps=0)
+    _, result = run(cfg, Scoring(validate_images=True))
+    assert result.validation_logs == [{"step": 2, "score": 0.2}, {"step": 4, "score": 0.4}]
+    assert (tmp_path / "run" / "validation" / "scores.png").is_file()
+
+    record_validation_scores({"controllability/mask_iou": 0.1}, 50, tmp_path)
+    record_validation_scores({"controllability/mask_iou": 0.8}, 100, tmp_path)
+    record_validation_scores({"controllability/mask_iou": 0.5}, 100, tmp_path)  # replayed after a resume
+    rows = [json.loads(x) for x in (tmp_path / "validation" / "scores.jsonl").read_text().splitlines()]
+    assert rows == [{"step": 50, "controllability/mask_iou": 0.1}, {"step": 100, "controllability/mask_iou": 0.5}]
+    chart = Image.open(tmp_path / "validation" / "scores.png")
+    assert chart.size == (640, 360) and len(set(chart.getdata())) > 3

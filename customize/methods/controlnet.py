@@ -44,7 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import torch
+from PIL import Image
 
 from customize.data import ImageCaptionDataset, cache_features, collate_examples
 from customize.data.datasets import paired_key
@@ -57,6 +59,7 @@ CONDITIONING = "conditioning_image"  # the paired image's name in the dataset
 CONDITIONING_KEY = paired_key(CONDITIONING)  # "conditioning_pixel_values": (B, 3, H, W) in [-1, 1]
 CACHED_CONDITIONING = "conditioning_uint8"  # the cache's copy: (B, 3, H, W) uint8
 WEIGHTS = ("config.json", "diffusion_pytorch_model.safetensors")
+SCORES = ("mask_iou", "edge_f1")  # validation_score's measures (`controllability`)
 # The conditioning encoder's widths when it needs 3 stride-2 stages (VAE factor 8, SD / SDXL): diffusers' default.
 CONDITIONING_CHANNELS = (16, 32, 96, 256)
 
@@ -82,6 +85,11 @@ class ControlNetConfig(SDTrainConfig):
                                        "(the paper: 0.5)."})
     validation_image: list[str] | None = field(
         default=None, metadata={"help": "Conditioning image(s) of the validation samples (with --validation_prompt)."})
+    validation_score: str = field(
+        default="auto", metadata={"help": "Controllability scored at each validation, logged and drawn into "
+                                          "validation/scores.png: mask_iou (toy-world shape masks), edge_f1 (canny "
+                                          "control), auto (mask_iou for filled binary control images, else edge_f1) "
+                                          "or none."})
     center_crop: bool = field(default=True, metadata={"help": "Crop the centre of each image (else a random crop)."})
     random_flip: bool = field(default=False, metadata={"help": "Flip image and conditioning image together at random."})
     snr_gamma: float | None = field(default=None, metadata={"help": "min-SNR-gamma loss weighting; 5.0 is recommended."})
@@ -96,6 +104,9 @@ class ControlNetConfig(SDTrainConfig):
         super().__post_init__()
         if not (0.0 <= self.proportion_empty_prompts < 1.0):
             raise ValueError(f"proportion_empty_prompts must be in [0, 1), got {self.proportion_empty_prompts}")
+        if self.validation_score not in SCORES + ("auto", "none"):
+            raise ValueError(f"validation_score must be one of {', '.join(SCORES + ('auto', 'none'))}, got "
+                             f"{self.validation_score!r}")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ValueError(f"snr_gamma must be > 0 (or unset), got {self.snr_gamma}")
 
@@ -218,7 +229,7 @@ class ControlNetMethod:
     def loss(self, pipe, batch, cfg: ControlNetConfig):
         return controlnet_loss(pipe, batch, cfg, self.empty)
 
-    def validate(self, pipe, cfg: ControlNetConfig, step: int):
+    def validate(self, pipe, cfg: ControlNetConfig, step: int) -> dict:
         return validate(pipe, cfg, step)
 
     def save(self, pipe, cfg: ControlNetConfig, out_dir):
@@ -285,18 +296,68 @@ def validation_images(cfg: ControlNetConfig) -> list:
     return [open_paired_image(p, "--validation_image") for p in cfg.validation_image or []]
 
 
-def validate(pipe, cfg: ControlNetConfig, step: int) -> list:
+# ---------------------------------------------------------------------------------------------------------------
+# Controllability at validation: the "sudden convergence" made visible
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def control_mask(control) -> np.ndarray:
+    """A control image read as a mask: (H, W) bool, grey > 127."""
+    return np.asarray(control.convert("L")) > 127
+
+
+def score_kind(control) -> str:
+    """What `validation_score auto` measures for this control image: "mask_iou" when it is a filled mask (only
+    black and white, and most white pixels with all four neighbours white: a region, not a line), else
+    "edge_f1" (canny and other edge maps: 1-px lines have almost no interior). Near-black or near-white (within
+    32 grey levels) counts as black or white, so a resized mask still reads as one."""
+    grey = np.asarray(control.convert("L")).astype(np.int16)
+    binary = bool(((grey < 32) | (grey > 223)).mean() > 0.95)
+    white = grey > 127
+    padded = np.pad(white, 1)
+    interior = white & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return "mask_iou" if binary and white.any() and interior.sum() > 0.5 * white.sum() else "edge_f1"
+
+
+def controllability(image, control, kind: str) -> float:
+    """How far a generated image follows its control image, in [0, 1]:
+
+    mask_iou  |M_gen & M_c| / |M_gen | M_c|: M_gen the shape the toy world's probe finds in the image
+              (`customize.toy.probes.read`, pixels off the measured background), M_c the control mask (grey > 127)
+    edge_f1   `customize.control.canny_f1`: the canny map of the image against the control's edges, matched
+              within 0.75 % of the diagonal (`edge_tolerance`)
+
+    The image is resized to the control's size first."""
+    from customize.control import canny_f1
+
+    if kind == "edge_f1":
+        return canny_f1(image, control)
+    if kind != "mask_iou":
+        raise ValueError(f"controllability kind must be one of {SCORES}, got {kind!r}")
+    from customize.toy import probes
+
+    if image.size != control.size:
+        image = image.resize(control.size, Image.Resampling.BICUBIC)
+    return probes.mask_iou(probes.read(image).mask, control_mask(control))
+
+
+def validate(pipe, cfg: ControlNetConfig, step: int) -> dict:
     """One strip per validation image: the conditioning image, then num_validation_images samples of the
-    validation prompt drawn with it (image i from seed cfg.seed + i), so each sample sits beside its control."""
+    validation prompt drawn with it (image i from seed cfg.seed + i), so each sample sits beside its control.
+    With validation_score, the mean controllability of every sample against its control
+    ("controllability/<kind>", `controllability`) goes with them: the engine logs it to the trackers and draws
+    its curve over the run into validation/scores.png, where the paper's sudden convergence shows as a step."""
+    import logging
+
     from customize.inference import generate
     from customize.training.tracking import image_grid
 
     if not cfg.validation_prompt or not cfg.validation_image:
-        return []
+        return {"images": []}
     device = sd.first_parameter(pipe.unet).device
     dtype = dreambooth.AUTOCAST_DTYPES.get(cfg.mixed_precision)
     n = cfg.num_validation_images
-    strips = []
+    strips, scores = [], {}
     for control in validation_images(cfg):
         control = control.resize((cfg.resolution, cfg.resolution))
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -304,7 +365,13 @@ def validate(pipe, cfg: ControlNetConfig, step: int) -> list:
                                num_inference_steps=cfg.validation_inference_steps, height=cfg.resolution,
                                width=cfg.resolution)
         strips.append(image_grid([control, *samples], cols=n + 1))
-    return strips
+        if cfg.validation_score != "none":
+            kind = score_kind(control) if cfg.validation_score == "auto" else cfg.validation_score
+            try:
+                scores.setdefault(kind, []).extend(controllability(img, control, kind) for img in samples)
+            except ImportError as err:  # edge_f1 without OpenCV: the run goes on, without the curve
+                logging.getLogger(__name__).warning("validation_score %s skipped: %s", kind, err)
+    return {"images": strips, "logs": {f"controllability/{k}": sum(v) / len(v) for k, v in scores.items()}}
 
 
 def save(pipe, cfg: ControlNetConfig, out_dir) -> Path:

@@ -59,14 +59,17 @@ class Run:
     prompt_for: Callable[[str], str] = field(default=lambda prompt: prompt)
 
 
-def _run(method, cfg, base, build_dataset=None, prompt_for=None) -> Run:
-    """Load the base, build the method's dataset, train with the shared engine; `trained_parameters` counts the
-    parameters that require grad in the UNet and text encoder."""
+def _run(method, cfg, base, build_dataset=None, prompt_for=None, build_model=None) -> Run:
+    """Load the base, build the method's dataset (and with `build_model` the model it trains from the base),
+    train with the shared engine; `trained_parameters` counts the parameters that require grad in the UNet and
+    text encoder."""
     from customize.training import train
 
     start = time.perf_counter()
     pipe = load_base(base)
     dataset = (build_dataset or method.build_dataset)(pipe, cfg)
+    if build_model is not None:
+        pipe = build_model(pipe, cfg)
     result = train(method, pipe, dataset, cfg)
     seconds = time.perf_counter() - start
     trained = sum(p.numel() for m in (pipe.unet, pipe.text_encoder) for p in m.parameters() if p.requires_grad)
@@ -245,3 +248,43 @@ def ziplora(output_dir, content_lora, style_lora, *, base=BASE_DIR, data: str = 
                  progress=progress, resolution=world.IMAGE_SIZE, generation_steps=quality.EVAL_STEPS,
                  num_images=NUM_STYLE_IMAGES, report_to="none", **settings)
     return result, time.perf_counter() - start
+
+
+# A mask ControlNet on the toy model: far fewer steps than SD 1.5's thousands, so a larger step size than the
+# recipe's 1e-5 (the zero convolutions must grow from 0 within the run); measured in docs/findings.md.
+CONTROLNET_DEFAULTS = dict(learning_rate=5e-4, max_train_steps=300, train_batch_size=8, proportion_empty_prompts=0.1,
+                           validation_steps=75, num_validation_images=2)
+NUM_CONTROL_IMAGES = 512
+CONTROL_VALIDATION_PROMPT = "a yellow shape on a blue background"  # no shape named: the mask says which
+
+
+def controlnet_mask(output_dir, *, base=BASE_DIR, num_images: int = NUM_CONTROL_IMAGES, seed: int = 0,
+                    progress: bool = False, **overrides) -> Run:
+    """A ControlNet on shape masks: `num_images` scenes of the base's training split (no held-out combination),
+    exported with their masks (`world.export("control-mask")`: `conditioning_image_file_name` columns) and full
+    captions into output_dir/data, trained by the recipe's building blocks. Every validation_steps it draws the
+    validation prompt on 4 held-out-layout masks and logs their mean mask IoU (validation/scores.png). The Run's
+    pipe is the ControlNet pipeline; trained_parameters counts the ControlNet."""
+    from customize.methods import controlnet as cn
+
+    output_dir = Path(output_dir)
+    data = output_dir / "data"
+    if not (data / "metadata.jsonl").is_file():
+        world.export("control-mask", data, num_images, seed, split="train")
+    controls = output_dir / "validation_controls"
+    controls.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, case in enumerate(world.heldout_control_cases(4, seed + 1)):
+        case.control.save(controls / f"{k}.png")
+        paths.append(str(controls / f"{k}.png"))
+    cfg = cn.ControlNetConfig(
+        pretrained_model_name_or_path=str(base), train_data_dir=str(data), resolution=world.IMAGE_SIZE,
+        output_dir=str(output_dir), seed=seed, checkpointing_steps=0, report_to="none", progress=progress,
+        lr_warmup_steps=0, validation_prompt=CONTROL_VALIDATION_PROMPT, validation_image=paths,
+        validation_inference_steps=quality.EVAL_STEPS, validation_score="mask_iou", overwrite_output_dir=True,
+        **{**CONTROLNET_DEFAULTS, **overrides},
+    )
+    run = _run(cn.ControlNetMethod(), cfg, base, build_dataset=cn.build_dataset, build_model=cn.build_model)
+    run.pipe.controlnet.eval()
+    run.trained_parameters = sum(p.numel() for p in run.pipe.controlnet.parameters())
+    return run

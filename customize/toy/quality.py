@@ -8,6 +8,8 @@ probes, and reduce the readings to the measures of docs/toy-world.md, 'Measures'
   <bg> background") that show the subject's shape or colour: ~0 for the base model, high once the class word
   has been taken over by the subject;
 - style presence: the share of images, asked "in zwx style", that the stripe probe sees stripes in;
+- controllability (mask ControlNet): asked a held-out caption with a mask at a layout no training scene has, the
+  IoU between the shape the probe finds and the mask, with the ControlNet and without it (the base);
 - subject in style (merged LoRAs): asked "a sks shape in zwx style on a <bg> background", the shares showing the
   subject, the stripes, the background, and the subject and the stripes at once.
 
@@ -147,6 +149,35 @@ def subject_in_style(pipe, seeds_per_prompt: int = 16, seed: int = 0, subject: w
     return Scored(images, readings, {
         "merge_subject": sum(is_subject) / n, "merge_style": sum(striped) / n, "merge_background": sum(on_bg) / n,
         "merge_both": sum(a and b for a, b in zip(is_subject, striped)) / n,
+    })
+
+
+def control_scores(pipe, cases: Sequence[world.ControlCase], seed: int = 0, control: bool = True,
+                   batch_size: int = 64, **gen) -> Scored:
+    """Mask ControlNet: each case's prompt drawn with its mask as the control image (`control=False`: the prompt
+    alone, what the base model does without control, same seeds), read by the probes. "control_iou": the mean
+    IoU between the shape found in the image and the case's mask (`probes.mask_iou`); "control_hit": the share
+    with IoU >= 0.5; "control_shape": the share of the asked shape class; "control_prompt": the share with the
+    asked colour and background (what control must not cost)."""
+    prompts = [c.prompt for c in cases]
+    seeds = [seed + 110_000 + i for i in range(len(cases))]
+    gen = {"guidance_scale": EVAL_GUIDANCE, "num_inference_steps": EVAL_STEPS, **gen}
+    if not control:
+        images = sample(pipe, prompts, seeds, batch_size=batch_size, **gen)
+    else:  # the control images differ per prompt: one pipeline call per chunk, with that chunk's controls
+        images = []
+        for i in range(0, len(cases), batch_size):
+            chunk = slice(i, i + batch_size)
+            images += generate(pipe, prompts[chunk], seeds[chunk], image=[c.control for c in cases[chunk]],
+                               batch_size=batch_size, **gen)
+    readings = probes.read_all(images)
+    ious = [probes.mask_iou(r.mask, c.mask) for r, c in zip(readings, cases)]
+    n = len(cases)
+    return Scored(images, readings, {
+        "control_iou": sum(ious) / n, "control_hit": sum(v >= 0.5 for v in ious) / n,
+        "control_shape": sum(r.shape == c.shape for r, c in zip(readings, cases)) / n,
+        "control_prompt": sum(r.colour == c.colour and r.background == c.background
+                              for r, c in zip(readings, cases)) / n,
     })
 
 

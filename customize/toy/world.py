@@ -193,11 +193,17 @@ def _inside(shape: str, x: np.ndarray, y: np.ndarray, r: float) -> np.ndarray:
 
 def coverage(scene: Scene, image_size: int = IMAGE_SIZE, supersample: int = SUPERSAMPLE) -> np.ndarray:
     """Fraction of each pixel covered by the shape, (H, W) float32 in [0, 1]."""
-    cx, cy, r = scene.geometry(image_size)
+    return shape_coverage(scene.shape, *scene.geometry(image_size), image_size=image_size, supersample=supersample)
+
+
+def shape_coverage(shape: str, cx: float, cy: float, r: float, image_size: int = IMAGE_SIZE,
+                   supersample: int = SUPERSAMPLE) -> np.ndarray:
+    """`coverage` of `shape` at any centre (cx, cy) and radius r in pixels, not only the scenes' sizes and
+    positions (the ControlNet bench asks for layouts no scene has), (H, W) float32 in [0, 1]."""
     n = image_size * supersample
     coords = (np.arange(n) + 0.5) / supersample  # sub-pixel sample centres, in pixels
     x, y = np.meshgrid(coords - cx, coords - cy)  # (n, n)
-    inside = _inside(scene.shape, x, y, r).astype(np.float32)
+    inside = _inside(shape, x, y, r).astype(np.float32)
     return inside.reshape(image_size, supersample, image_size, supersample).mean(axis=(1, 3))  # (H, W)
 
 
@@ -240,7 +246,11 @@ def render(scene: Scene, image_size: int = IMAGE_SIZE) -> Image.Image:
 def control_map(scene: Scene, kind: str = "mask", image_size: int = IMAGE_SIZE) -> Image.Image:
     """ControlNet conditioning image (RGB, white on black): "mask" = the shape's mask, "edge" = its 1-px outline
     (mask pixels with a 4-neighbour outside the mask)."""
-    mask = shape_mask(scene, image_size)
+    return mask_control_image(shape_mask(scene, image_size), kind)
+
+
+def mask_control_image(mask: np.ndarray, kind: str = "mask") -> Image.Image:
+    """A boolean (H, W) mask as `control_map`'s conditioning image: the mask itself or its 1-px outline."""
     if kind == "edge":
         padded = np.pad(mask, 1, constant_values=False)
         interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
@@ -487,6 +497,50 @@ def style_eval_scenes(n: int = 24, seed: int = 0, style: Style = STYLE) -> list[
                      backgrounds=style.colours, style=style.name)
         for i in range(n)
     ]
+
+
+# Layouts no scene has (for the ControlNet bench): radii between and above the two sizes (6 and 10), centres on
+# the edges' midpoints and between the corner regions, where neither a position nor its +-1 px jitter reaches.
+HELDOUT_RADII = (8.0, 12.0)
+HELDOUT_OFFSETS = ((0.0, -1.0), (0.0, 1.0), (-1.0, 0.0), (1.0, 0.0), (-0.5, 0.5), (0.5, -0.5))
+
+
+@dataclass(frozen=True)
+class ControlCase:
+    """A held-out caption without size or position words and a mask at a held-out layout: what a mask
+    ControlNet is asked, and what a faithful image shows (`mask`, (H, W) bool, and `control`, its RGB map)."""
+
+    prompt: str
+    shape: str
+    colour: str
+    background: str
+    cx: float
+    cy: float
+    r: float
+
+    @property
+    def mask(self) -> np.ndarray:
+        return shape_coverage(self.shape, self.cx, self.cy, self.r) >= 0.5
+
+    @property
+    def control(self) -> Image.Image:
+        return mask_control_image(self.mask)
+
+
+def heldout_control_cases(n: int = 48, seed: int = 0) -> list[ControlCase]:
+    """`n` cases: a held-out (colour, shape, background) combination (`HELD_OUT_COMBOS`), said as "a red circle on a
+    blue background", on a held-out radius and offset (cycled, so every layout is asked about as often)."""
+    pool = sorted(HELD_OUT_COMBOS)
+    out = []
+    for i in range(n):
+        rng = scene_rng(seed, i, "control-heldout")
+        colour, shape, background = pool[rng.integers(len(pool))]
+        r = HELDOUT_RADII[i % len(HELDOUT_RADII)]
+        ox, oy = HELDOUT_OFFSETS[(i // len(HELDOUT_RADII)) % len(HELDOUT_OFFSETS)]
+        room = (IMAGE_SIZE / 2 - r) * CORNER_FRACTION
+        out.append(ControlCase(f"a {colour} {shape} on a {background} background", shape, colour, background,
+                               IMAGE_SIZE / 2 + ox * room, IMAGE_SIZE / 2 + oy * room, r))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ when each is called: `trainable_parameters`, `loss`, `save`; optionally `prepare
 `validate`, `model_card`, and `state_dict` / `load_state_dict` for state kept with the checkpoints); this file
 supplies everything else: devices, the optimizer and LR schedule, gradient accumulation and clipping, mixed
 precision, EMA, checkpoints and exact resume (the method's state included: no method reads a checkpoint),
-trackers, validation grids and the final save.
+trackers, validation grids, validation scores and their curve, and the final save.
 
 Design points (the why):
 - The method's modules are never wrapped. A method calls `pipe.unet(...)` on the plain module, so
@@ -45,7 +45,8 @@ from customize.training.config import CUDA_GRAPH_MODES, TrainConfig
 from customize.training.ema import EMA
 from customize.training.method import METHOD_STATE_FILE, check_method, method_name
 from customize.training.optim import build_lr_scheduler, build_optimizer, param_groups
-from customize.training.tracking import record_validation, resolve_trackers, tracker_config, write_model_card
+from customize.training.tracking import (record_validation, record_validation_scores, resolve_trackers, tracker_config,
+                                         write_model_card)
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class TrainResult:
     resumed_from: str | None = None
     checkpoints: list[str] = field(default_factory=list)
     validation_images: list[str] = field(default_factory=list)
+    validation_logs: list[dict] = field(default_factory=list)  # {"step": s, name: value} per validation with scalars
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -354,11 +356,17 @@ def train(method, model, dataset, cfg: TrainConfig) -> TrainResult:
             for m in trained.values():
                 m.eval()
             with seeded_rng(cuda=True), torch.no_grad(), (ema.swapped_in() if ema else contextlib.nullcontext()):
-                images = hooks.validate(model, cfg, step)
+                out = hooks.validate(model, cfg, step)
             for m in trained.values():
                 m.train()
+            images, scalars = (out.get("images") or [], out.get("logs") or {}) if isinstance(out, dict) else (out, {})
             if images:
                 result.validation_images.append(str(record_validation(accelerator, list(images), step, output_dir)))
+            if scalars:
+                scalars = {k: float(v) for k, v in scalars.items()}
+                accelerator.log(scalars, step=step)
+                result.validation_logs.append({"step": step, **scalars})
+                record_validation_scores(scalars, step, output_dir)
         accelerator.wait_for_everyone()
 
     def last_good() -> str:

@@ -18,7 +18,7 @@ When the engine calls what, in one run:
     per optimizer step (step = the global step just completed, 1..max_train_steps):
         after_step(model, cfg, step)          right after the optimizer step, before EMA and the checkpoint
         state_dict()                          when checkpoint-<step> is written (every checkpointing_steps)
-        validate(model, cfg, step)            every validation_steps, and once at the end
+        validate(model, cfg, step)            every validation_steps, and once at the end (images, scalars)
     save(model, cfg, out_dir)                 once, at the end, main process only, EMA weights swapped in
     model_card(cfg)                           right after save, main process only: written as out_dir/README.md
 
@@ -98,11 +98,15 @@ class OptionalHooks(Protocol):
         frozen rows, advance a phase. Absent: nothing."""
         ...
 
-    def validate(self, model, cfg, step: int) -> list:
+    def validate(self, model, cfg, step: int) -> list | dict:
         """Called every cfg.validation_steps steps and once at the end (step = the global step), on the main process
         only, under no_grad, with the trained modules in eval mode, the EMA weights swapped in and the RNGs saved
         and restored around it (validation never changes what trains). Return PIL images to log and tile into
-        validation/step-<step>.png, or []. Absent: no validation."""
+        validation/step-<step>.png, or []; or a dict {"images": [...], "logs": {name: float}}: the images as
+        before, the scalars (a score of the samples: ControlNet's controllability) logged to the trackers at this
+        step, kept in TrainResult.validation_logs, appended to validation/scores.jsonl and drawn, one curve per
+        name over the steps, into validation/scores.png (the file survives a resume: rows at or past the resumed
+        step are replaced). Absent: no validation."""
         ...
 
     def model_card(self, cfg) -> str | None:

@@ -74,6 +74,31 @@ def record_validation(accelerator, images: list[Image.Image], step: int, output_
     return path
 
 
+SCORES_FILE = "scores.jsonl"  # validation/ of the output folder: one {"step": s, name: value} line per validation
+SCORES_PLOT = "scores.png"
+
+
+def record_validation_scores(scalars: dict[str, float], step: int, output_dir) -> Path:
+    """Append a validation's scalars to validation/scores.jsonl and redraw validation/scores.png, one line per
+    name against the step (`customize.plots.line_chart`). Rows at or past `step` are dropped first: they are
+    from the part of an earlier run that a resume replays. Both files are written atomically."""
+    import json
+
+    from customize.plots import line_chart, save_chart
+
+    folder = Path(output_dir) / "validation"
+    path = folder / SCORES_FILE
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    rows = [r for r in rows if r["step"] < step] + [{"step": step, **scalars}]
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    names = sorted({k for r in rows for k in r if k != "step"})
+    series = {n: [(r["step"], r[n]) for r in rows if n in r] for n in names}
+    save_chart(line_chart(series, title="validation scores", x_label="step"), folder / SCORES_PLOT)
+    return path
+
+
 def run_settings(cfg) -> dict:
     """The model-card rows every fine-tune shares: resolution, steps, batch, precision, seed."""
     return {
