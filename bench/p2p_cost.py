@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE, TARGET = "a large red circle in the center on a blue background", "a large red square in the center on a blue background"
+SOURCE = "a large red circle in the center on a blue background"
+TARGET = "a large red square in the center on a blue background"
 
 
 def main(argv=None) -> int:

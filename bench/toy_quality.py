@@ -288,8 +288,10 @@ def _p2p_real_row(kind: str, ctx: Context) -> dict:
     for m in METHODS:
         row_scores = {}
         for prefix, source in (("p2p", m), ("regen", f"{m}_regen"), ("recon", f"{m}_recon")):
-            row_scores.update({f"{prefix}_{k[len(source) + 1:]}": v for k, v in scores.items()
-                               if k.startswith(source + "_") and not k[len(source) + 1:].startswith(("regen", "recon"))})
+            for k, v in scores.items():
+                rest = k[len(source) + 1:]
+                if k.startswith(source + "_") and not rest.startswith(("regen", "recon")):
+                    row_scores[f"{prefix}_{rest}"] = v
         row_scores["inv_seconds"] = scores[f"{m}_seconds"]
         row_scores["real_read"] = scores["real_read"]
         out[m] = row_scores
