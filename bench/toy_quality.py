@@ -18,7 +18,11 @@ merge's seconds (ZipLoRA: its training, data included).
 The p2p rows (p2p-shape, p2p-colour, p2p-background) edit generated images by a word swap in "a <colour> <shape>
 on a <bg> background" (Prompt-to-Prompt: Replace, the background swap with an inverted LocalBlend on the shape
 word) and compare with regenerating the target prompt from the same seed; their own table has the edit's success
-and what it kept (customize.toy.quality.p2p_edit_scores).
+and what it kept (customize.toy.quality.p2p_edit_scores). The p2p-real rows (p2p-real-shape, p2p-real-colour,
+p2p-real-background) make the same edits on real images: held-out scenes rendered by the world, inverted with each
+of ddim, null-text, negative-prompt and direct inversion, then edited, against regenerating the target prompt
+from the inverted latent; one table row per (edit, inversion), scored against the rendered scene's truth
+(customize.toy.quality.p2p_real_edit_scores).
 The control rows (control-base, controlnet-mask) ask a held-out caption ("a red circle on a blue background")
 with a shape mask at a size and position no training scene had: their own table has IoU (generated shape vs
 mask), IoU>=0.5, shape, colour+bg and the first validation step with IoU >= 0.7; control-base is the base
@@ -58,6 +62,8 @@ class Context:
     n_control: int = 48  # ControlNet cases: held-out captions on held-out mask layouts
     seed: int = 0
     n_edits: int = 16  # p2p rows: edits per kind, one seed each
+    n_real: int = 6  # p2p-real rows: rendered scenes per kind (the same scenes for every kind)
+    null_inner_steps: int = 5  # p2p-real rows: null-text's Adam steps per timestep
     reuse_sources: bool = False  # merge rows: the source LoRAs of an earlier run in output_dir, when there
     cache: dict = field(default_factory=dict)  # what several rows share in one run (the merge rows' source LoRAs)
 
@@ -241,7 +247,7 @@ def _p2p_controller(kind: str):
         replace = Replace(P2P_CROSS, P2P_SELF)
         if kind != "background":
             return replace
-        shape = source.split()[2]  # "a <colour> <shape> on a <bg> background"
+        shape = next(w for w in source.split() if w in world.BASE_SHAPES)  # the shape word, wherever it stands
         return LocalBlend([shape], base=replace, threshold=P2P_BLEND_THRESHOLD, dilation=P2P_BLEND_DILATION,
                           invert=True)
 
@@ -260,9 +266,68 @@ for _kind in quality.P2P_KINDS:
     row(f"p2p-{_kind}")(lambda ctx, kind=_kind: _p2p_row(kind, ctx))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Prompt-to-Prompt on real images: world-rendered held-out scenes, inverted with each method, then edited
+# ---------------------------------------------------------------------------------------------------------------
+
+P2P_REAL_COLUMNS = P2P_COLUMNS + (("recon_success", "recon ok"), ("recon_iou", "recon IoU"),
+                                  ("inv_seconds", "inv s"))
+
+
+def _p2p_real_row(kind: str, ctx: Context) -> dict:
+    """{method: {column: value}} for the edit `kind` on ctx.n_real rendered scenes (the same scenes for every
+    kind: each is inverted once per method per run, in ctx.cache)."""
+    from customize.methods.inversion import METHODS
+
+    if "pipe" not in ctx.cache:
+        ctx.cache["pipe"] = experiments.load_base(ctx.base)
+        ctx.cache["pipe"].set_progress_bar_config(disable=True)
+    scores = quality.p2p_real_edit_scores(
+        ctx.cache["pipe"], kind, _p2p_controller(kind), METHODS, n=ctx.n_real, seed=ctx.seed,
+        inversions=ctx.cache.setdefault("inversions", {}),
+        options={"null-text": {"inner_steps": ctx.null_inner_steps}})
+    images = scores.pop("images")
+    for m, quads in images.items():
+        _save_samples(f"p2p-real-{kind}-{m}", quality.Scored([im for q in quads for im in q], [], {}), ctx, 4)
+    out = {}
+    for m in METHODS:
+        row_scores = {}
+        for prefix, source in (("p2p", m), ("regen", f"{m}_regen"), ("recon", f"{m}_recon")):
+            for k, v in scores.items():
+                rest = k[len(source) + 1:]
+                if k.startswith(source + "_") and not rest.startswith(("regen", "recon")):
+                    row_scores[f"{prefix}_{rest}"] = v
+        row_scores["inv_seconds"] = scores[f"{m}_seconds"]
+        row_scores["real_read"] = scores["real_read"]
+        out[m] = row_scores
+    return out
+
+
+for _kind in quality.P2P_KINDS:
+    row(f"p2p-real-{_kind}")(lambda ctx, kind=_kind: _p2p_real_row(kind, ctx))
+
+
+def p2p_real_verdict(results: dict[str, dict]) -> str | None:
+    """The target on real images: per inversion method, P2P preserves more than regenerating the target prompt
+    from the inverted latent, on each edit kind."""
+    rows = {n: r for n, r in results.items() if n.startswith("p2p-real-")}
+    if not rows:
+        return None
+    lines = []
+    methods = next(iter(rows.values())).keys()
+    for m in methods:
+        parts = [f"{n[len('p2p-real-'):]} {r[m]['p2p_preserved']:.0%} vs {r[m]['regen_preserved']:.0%}"
+                 for n, r in rows.items()]
+        more = sum(r[m]["p2p_preserved"] > r[m]["regen_preserved"] for r in rows.values())
+        ties = sum(r[m]["p2p_preserved"] == r[m]["regen_preserved"] for r in rows.values())
+        lines.append(f"{m}: kept {'; '.join(parts)}: more on {more} of {len(rows)}, tied on {ties}: target "
+                     f"{'met' if more == len(rows) else 'not met'}")
+    return "real images, P2P preserves more than regenerating from the inverted latent:\n  " + "\n  ".join(lines)
+
+
 def p2p_verdict(results: dict[str, dict]) -> str | None:
     """The target: P2P preserves more than regenerating the target prompt from the same seed."""
-    rows = {n: r for n, r in results.items() if n.startswith("p2p-")}
+    rows = {n: r for n, r in results.items() if n.startswith("p2p-") and not n.startswith("p2p-real-")}
     if not rows:
         return None
     parts = [f"{n}: kept {r['p2p_preserved']:.0%} vs {r['regen_preserved']:.0%}" for n, r in rows.items()]
@@ -340,7 +405,9 @@ def _cell(key: str, value) -> str:
         return f"{value:.0f}"
     if key == "converged":
         return f"step {value}"
-    if key == "merge_seconds":
+    if key in ("merge_seconds", "inv_seconds"):
+        return f"{value:.2f}"
+    if key.endswith("_iou"):
         return f"{value:.2f}"
     return f"{value:.0%}"
 
@@ -381,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n_prompts", type=int, default=Context.n_prompts)
     p.add_argument("--seed", type=int, default=0, help="training and sampling seed")
     p.add_argument("--n_edits", type=int, default=Context.n_edits, help="p2p rows: edits per kind")
+    p.add_argument("--n_real", type=int, default=Context.n_real, help="p2p-real rows: rendered scenes per kind")
+    p.add_argument("--null_inner_steps", type=int, default=Context.null_inner_steps,
+                   help="p2p-real rows: null-text inversion's Adam steps per timestep")
     p.add_argument("--reuse_sources", action="store_true",
                    help="merge rows: reuse the subject / style LoRAs an earlier run with this seed left in output_dir")
     a = p.parse_args(argv)
@@ -390,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     names = pick(a.rows, ROWS, "row")
     single_thread_unless_set()
     ctx = Context(output_dir=Path(a.output_dir), base=Path(a.base), n_prompts=a.n_prompts, seed=a.seed, n_edits=a.n_edits,
-                  reuse_sources=a.reuse_sources)
+                  n_real=a.n_real, null_inner_steps=a.null_inner_steps, reuse_sources=a.reuse_sources)
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for name in names:
@@ -398,9 +468,11 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = ROWS[name](ctx)
         print(f"[{name}: {time.perf_counter() - start:.0f} s]", file=sys.stderr)
     merges = {n: r for n, r in results.items() if n.startswith("merge-")}
-    edits = {n: r for n, r in results.items() if n.startswith("p2p-")}
+    real = {n: r for n, r in results.items() if n.startswith("p2p-real-")}
+    edits = {n: r for n, r in results.items() if n.startswith("p2p-") and n not in real}
     controls = {n: r for n, r in results.items() if n.startswith("control")}
-    others = {n: r for n, r in results.items() if n not in merges and n not in edits and n not in controls}
+    others = {n: r for n, r in results.items()
+              if n not in merges and n not in edits and n not in real and n not in controls}
     if others:
         print(format_table(others) + "\n")
     if merges:
@@ -420,6 +492,15 @@ def main(argv: list[str] | None = None) -> int:
         verdict = control_verdict(results)
         if verdict:
             print(verdict)
+    if real:
+        first = next(iter(next(iter(real.values())).values()))
+        print(f"\nPrompt-to-Prompt on real images ({ctx.n_real} world-rendered held-out scenes per kind, inverted with "
+              f"each method at {quality.EVAL_STEPS} steps, null-text {ctx.null_inner_steps} Adam steps per timestep; "
+              f'the probe reads {first["real_read"]:.0%} of the rendered images right) vs regenerating the target from '
+              'the inverted latent; "kept", IoU: against the rendered scene\'s truth; recon: the image sampled back:')
+        flat = {f"{n[len('p2p-real-'):]} / {m}": r for n, rows in real.items() for m, r in rows.items()}
+        print(format_table(flat, P2P_REAL_COLUMNS) + "\n")
+        print(p2p_real_verdict(results))
     for name in ("dreambooth-lora", "dreambooth", "pivotal"):
         if name in results and f"{name}+prior" in results:
             without, with_ = results[name], results[f"{name}+prior"]

@@ -122,3 +122,26 @@ def test_p2p_cases_swap_one_attribute():
             assert world.parse_caption(target)[kind] == tgt[kind]
     with pytest.raises(ValueError, match="unknown edit kind"):
         quality.p2p_cases("size", 1)
+
+
+def test_p2p_real_cases_swap_one_word_of_a_rendered_scene(sd):
+    """The real-image P2P cases (bench/toy_quality.py p2p-real-*): held-out scenes, the full caption with one word
+    swapped; the scorer runs end to end (random tiny model: the code path, not the scores)."""
+    import dataclasses
+
+    from customize.attention import Replace
+    from customize.toy import quality, world
+
+    for kind in quality.P2P_KINDS:
+        cases = quality.p2p_real_cases(kind, 4, seed=1)
+        for (scene, prompt, target, target_prompt), (_, held) in zip(cases, world.heldout_prompts(4, seed=1)):
+            assert (scene, prompt) == (held, world.caption(held))
+            assert getattr(target, kind) != getattr(scene, kind) and target.colour != target.background
+            assert dataclasses.replace(target, **{kind: getattr(scene, kind)}) == scene
+            swapped = [(a, b) for a, b in zip(prompt.split(), target_prompt.split()) if a != b]
+            assert len(prompt.split()) == len(target_prompt.split()) and len(swapped) == 1
+    cache = {}
+    scores = quality.p2p_real_edit_scores(sd, "colour", lambda s, t: Replace(0.8, 0.4), ["ddim"], n=1,
+                                          num_inference_steps=STEPS, inversions=cache)
+    assert list(cache) == [("ddim", 0, 0)] and len(scores["images"]["ddim"][0]) == 4
+    assert all(0 <= scores[f"ddim{x}_preserved"] <= 1 for x in ("", "_regen", "_recon"))
