@@ -27,6 +27,10 @@ The control rows (control-base, controlnet-mask) ask a held-out caption ("a red 
 with a shape mask at a size and position no training scene had: their own table has IoU (generated shape vs
 mask), IoU>=0.5, shape, colour+bg and the first validation step with IoU >= 0.7; control-base is the base
 without control on the same prompts and seeds.
+The ip2p rows (ip2p-exact, ip2p-p2p) train InstructPix2Pix on the world's exact edit pairs and on pairs the
+toy base drew with Prompt-to-Prompt (probe-filtered: customize.toy.experiments.ip2p_pairs) and edit held-out
+scenes by the instruction; their own table has the pairs trained on, the edit's success, what it kept (every
+other attribute), both at once and the success per edit kind (customize.toy.quality.ip2p_edit_scores).
 Rows are a registry: `@row("name")` on a function `(ctx) -> {column: value}`; a method added later (e.g.
 textual inversion) registers its row the same way.
 """
@@ -64,7 +68,9 @@ class Context:
     n_edits: int = 16  # p2p rows: edits per kind, one seed each
     n_real: int = 6  # p2p-real rows: rendered scenes per kind (the same scenes for every kind)
     null_inner_steps: int = 5  # p2p-real rows: null-text's Adam steps per timestep
-    reuse_sources: bool = False  # merge rows: the source LoRAs of an earlier run in output_dir, when there
+    n_ip2p: int = 64  # ip2p rows: held-out edits
+    reuse_sources: bool = False  # merge rows: the source LoRAs of an earlier run in output_dir, when there (ip2p
+    # rows: the training pairs)
     cache: dict = field(default_factory=dict)  # what several rows share in one run (the merge rows' source LoRAs)
 
 
@@ -396,12 +402,57 @@ def ziplora_verdict(results: dict[str, dict]) -> str | None:
             f"(>= 60% and >= 15 points above) {'met' if met else 'not met'}")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# InstructPix2Pix: trained on exact edit pairs, or on Prompt-to-Prompt-made ones; held-out scenes edited
+# ---------------------------------------------------------------------------------------------------------------
+
+IP2P_COLUMNS = (
+    ("ip2p_pairs", "pairs"), ("data_seconds", "data s"), ("seconds", "train s"), ("ip2p_success", "edit ok"),
+    ("ip2p_preserved", "kept"), ("ip2p_exact", "both"), ("ip2p_colour", "colour"), ("ip2p_background", "bg"),
+    ("ip2p_size", "size"), ("ip2p_position", "pos"),
+)
+IP2P_TARGETS = dict(ip2p_success=0.7, ip2p_preserved=0.8)  # issue 20, acceptance 3
+
+
+def _ip2p_row(data: str, ctx: Context) -> dict:
+    name = f"ip2p-{data}"
+    run = experiments.instruct_pix2pix(ctx.output_dir / name, base=ctx.base, data=data, seed=ctx.seed,
+                                       reuse_pairs=ctx.reuse_sources)
+    scores = quality.ip2p_edit_scores(run.pipe, n=ctx.n_ip2p)
+    triples = scores.pop("images")
+    _save_samples(name, quality.Scored([im for t in triples[:24] for im in t], [], {}), ctx, 6)
+    return {"trained": run.trained_parameters, "seconds": run.seconds, "ip2p_pairs": run.data["pairs"],
+            "data_seconds": run.data["seconds"], **scores}
+
+
+for _data in ("exact", "p2p"):
+    row(f"ip2p-{_data}")(lambda ctx, data=_data: _ip2p_row(data, ctx))
+
+
+def ip2p_verdict(results: dict[str, dict]) -> str | None:
+    """The targets (success >= 70%, preservation >= 80%, for both training sets) and the gap between the exact
+    and the P2P-made pairs: what the paper's synthetic-data recipe costs."""
+    rows = {n: r for n, r in results.items() if n.startswith("ip2p-")}
+    if not rows:
+        return None
+    parts = [f"{n}: edit ok {r['ip2p_success']:.0%}, kept {r['ip2p_preserved']:.0%}" for n, r in rows.items()]
+    met = all(r[k] >= v for r in rows.values() for k, v in IP2P_TARGETS.items())
+    line = f"InstructPix2Pix ({'; '.join(parts)}): target (edit ok >= 70%, kept >= 80%) {'met' if met else 'not met'}"
+    if "ip2p-exact" in rows and "ip2p-p2p" in rows:
+        a, b = rows["ip2p-exact"], rows["ip2p-p2p"]
+        line += (f"; gap exact - P2P-made: edit ok {(a['ip2p_success'] - b['ip2p_success']) * 100:+.0f} points, "
+                 f"kept {(a['ip2p_preserved'] - b['ip2p_preserved']) * 100:+.0f} points")
+    return line
+
+
 def _cell(key: str, value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if key == "trained":
         return f"{value / 1e6:.2f}M" if value >= 1e5 else f"{value / 1e3:.1f}k"
-    if key == "seconds":
+    if key == "ip2p_pairs":
+        return str(value)
+    if key in ("seconds", "data_seconds"):
         return f"{value:.0f}"
     if key == "converged":
         return f"step {value}"
@@ -451,8 +502,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n_real", type=int, default=Context.n_real, help="p2p-real rows: rendered scenes per kind")
     p.add_argument("--null_inner_steps", type=int, default=Context.null_inner_steps,
                    help="p2p-real rows: null-text inversion's Adam steps per timestep")
+    p.add_argument("--n_ip2p", type=int, default=Context.n_ip2p, help="ip2p rows: held-out edits")
     p.add_argument("--reuse_sources", action="store_true",
-                   help="merge rows: reuse the subject / style LoRAs an earlier run with this seed left in output_dir")
+                   help="merge rows: reuse the subject / style LoRAs an earlier run with this seed left in output_dir; "
+                        "ip2p rows: the training pairs (P2P's take minutes)")
     a = p.parse_args(argv)
     if a.list:
         print("\n".join(ROWS))
@@ -460,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     names = pick(a.rows, ROWS, "row")
     single_thread_unless_set()
     ctx = Context(output_dir=Path(a.output_dir), base=Path(a.base), n_prompts=a.n_prompts, seed=a.seed, n_edits=a.n_edits,
-                  n_real=a.n_real, null_inner_steps=a.null_inner_steps, reuse_sources=a.reuse_sources)
+                  n_real=a.n_real, null_inner_steps=a.null_inner_steps, n_ip2p=a.n_ip2p,
+                  reuse_sources=a.reuse_sources)
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for name in names:
@@ -471,8 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     real = {n: r for n, r in results.items() if n.startswith("p2p-real-")}
     edits = {n: r for n, r in results.items() if n.startswith("p2p-") and n not in real}
     controls = {n: r for n, r in results.items() if n.startswith("control")}
+    instructed = {n: r for n, r in results.items() if n.startswith("ip2p-")}
     others = {n: r for n, r in results.items()
-              if n not in merges and n not in edits and n not in real and n not in controls}
+              if n not in merges and n not in edits and n not in real and n not in controls and n not in instructed}
     if others:
         print(format_table(others) + "\n")
     if merges:
@@ -501,6 +556,12 @@ def main(argv: list[str] | None = None) -> int:
         flat = {f"{n[len('p2p-real-'):]} / {m}": r for n, rows in real.items() for m, r in rows.items()}
         print(format_table(flat, P2P_REAL_COLUMNS) + "\n")
         print(p2p_real_verdict(results))
+    if instructed:
+        print(f'InstructPix2Pix on {ctx.n_ip2p} held-out scenes (s_I {quality.IP2P_IMAGE_GUIDANCE}, s_T '
+              f'{quality.IP2P_TEXT_GUIDANCE}; "kept": every attribute but the instructed one reads as in the input; '
+              'colour / bg / size / pos: edit ok per kind):')
+        print(format_table(instructed, IP2P_COLUMNS) + "\n")
+        print(ip2p_verdict(results))
     for name in ("dreambooth-lora", "dreambooth", "pivotal"):
         if name in results and f"{name}+prior" in results:
             without, with_ = results[name], results[f"{name}+prior"]

@@ -329,3 +329,18 @@ def test_p2p_pairs_recipe_writes_a_training_folder(tmp_path, pipes):
     (tmp_path / "bad.jsonl").write_text('{"input": "a red circle", "edit": ""}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl, line 1: needs \"input\".*lacks \['output'\]"):
         ip2p_data.read_rows(tmp_path / "bad.jsonl")
+
+
+def test_p2p_pairs_stop_at_the_first_candidate_at_max_score(pipes):
+    """A candidate at max_score cannot be beaten, so its row draws no more (the toy's exact probe filter)."""
+    from customize.methods import ip2p_data
+
+    rows = [{"input": "a red circle", "edit": "make the circle blue", "output": "a blue circle"}]
+    kept, report = ip2p_data.make_pairs(pipes["sd"], rows, seeds=(0, 1), self_replace_steps=(0.2, 0.5),
+                                        score=lambda a, b, row: 1.0, min_score=1.0, max_score=1.0,
+                                        num_inference_steps=2, height=RES, width=RES)
+    assert len(kept) == 1 and len(report) == 1 and (kept[0]["seed"], kept[0]["self_replace_steps"]) == (0, 0.2)
+    _, report = ip2p_data.make_pairs(pipes["sd"], rows, seeds=(0, 1), self_replace_steps=(0.2,),
+                                     score=lambda a, b, row: 0.5, min_score=0.0, max_score=1.0,
+                                     num_inference_steps=2, height=RES, width=RES)
+    assert len(report) == 2  # below max_score: every candidate is drawn

@@ -161,3 +161,35 @@ def test_captioned_class_images_name_their_background_and_resume(tmp_path):
     ds = dreambooth_dataset(experiments.SUBJECT_DIR, "a sks shape", world.IMAGE_SIZE, class_data_dir=folder,
                             class_prompt="a shape", use_captions=True)
     assert [ds.class_data.prompt(i) for i in range(3)] == captions
+
+
+def test_ip2p_scores_and_bench_table(tmp_path):
+    """The ip2p rows' plumbing on an untrained model (conv_in widened, so it edits nothing on purpose), 2 steps:
+    held-out inputs, the exact pairs' folder on the training split, the scores' keys and the verdict. What
+    training reaches is measured by `bench/toy_quality.py --rows ip2p-exact,ip2p-p2p`, not tested (minutes)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from customize.methods import instruct_pix2pix as ip2p
+
+    cases = quality.ip2p_cases(8)
+    assert all((e.source.colour, e.source.shape, e.source.background) in world.HELD_OUT_COMBOS for e in cases)
+    folder, made = experiments.ip2p_pairs(tmp_path / "pairs", "exact", n=3)
+    assert made["pairs"] == 3 and len((folder / "metadata.jsonl").read_text().splitlines()) == 3
+    pipe = ip2p.build_model(experiments.load_base())
+    scores = quality.ip2p_edit_scores(pipe, n=2, num_inference_steps=2)
+    assert len(scores.pop("images")) == 2
+    assert {"ip2p_success", "ip2p_preserved", "ip2p_exact", "ip2p_colour"} <= set(scores)
+    spec = importlib.util.spec_from_file_location("toy_quality", Path(__file__).parents[1] / "bench" / "toy_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclass looks its module up there
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        del sys.modules[spec.name]
+    results = {"ip2p-exact": {"ip2p_success": 0.9, "ip2p_preserved": 0.85},
+               "ip2p-p2p": {"ip2p_success": 0.75, "ip2p_preserved": 0.7}}
+    verdict = bench.ip2p_verdict(results)
+    assert "not met" in verdict and "edit ok +15 points, kept +15 points" in verdict
+    assert "ip2p-p2p" in bench.format_table(results, bench.IP2P_COLUMNS)

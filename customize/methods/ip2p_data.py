@@ -128,8 +128,10 @@ def make_pairs(
     progress: bool = False,
 ) -> tuple[list[dict], list[dict]]:
     """For every row, one Prompt-to-Prompt pair per (seed, p in self_replace_steps) through
-    `customize.inference.edit`; the best-scoring candidate is kept when min_score <= score <= max_score.
-    Returns (kept records for `write_pairs`, one report per candidate: its seed, p and score)."""
+    `customize.inference.edit`; the best-scoring candidate is kept when min_score <= score <= max_score. A
+    candidate scoring max_score ends its row's search (none later could replace it), which with the exact probe
+    filter (min_score = max_score = 1.0) draws the first passing candidate only. Returns (kept records for
+    `write_pairs`, one report per candidate drawn: its seed, p and score)."""
     from tqdm.auto import tqdm
 
     from customize.inference import edit
@@ -149,6 +151,10 @@ def make_pairs(
                             "input_text": row["input"], "edited_text": row["output"], "score": s, "seed": seed,
                             "self_replace_steps": p, **({"kind": row["kind"]} if "kind" in row else {})}
                 report.append({"edit": row["edit"], "seed": seed, "self_replace_steps": p, "score": s})
+                if best is not None and best["score"] >= max_score:
+                    break  # nothing can beat a candidate at max_score (ties keep the first): skip the rest
+            if best is not None and best["score"] >= max_score:
+                break
         if best is not None:
             kept.append(best)
     return kept, report

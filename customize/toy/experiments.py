@@ -57,6 +57,7 @@ class Run:
     # How a prompt written with the subject's identifier ("a sks shape ...") is asked of this model: the
     # identity for DreamBooth, the identifier swapped for the learned word S* for textual inversion.
     prompt_for: Callable[[str], str] = field(default=lambda prompt: prompt)
+    data: dict = field(default_factory=dict)  # what the training data cost, where a runner makes it (ip2p_pairs)
 
 
 def _run(method, cfg, base, build_dataset=None, prompt_for=None, build_model=None) -> Run:
@@ -289,3 +290,77 @@ def controlnet_mask(output_dir, *, base=BASE_DIR, num_images: int = NUM_CONTROL_
     run.pipe.controlnet.eval()
     run.trained_parameters = sum(p.numel() for p in run.pipe.controlnet.parameters())
     return run
+# InstructPix2Pix on the toy model (bench/toy_quality.py, the ip2p rows). The whole UNet trains, conv_in widened
+# to read the input image, so it must learn to copy the input through 4 zero-initialised channels: a larger step
+# size than the full DreamBooth fine-tune's, sized to ~4 minutes on one loaded CPU thread. 5e-4 x 800 steps and
+# 5e-4 x 1200 steps at batch 8 did no better (docs/findings.md, 'InstructPix2Pix on the toy model').
+IP2P_DEFAULTS = dict(learning_rate=1e-3, max_train_steps=600, train_batch_size=16, conditioning_dropout_prob=0.05)
+# Training rows: the world's exact pairs cost nothing, so 400; P2P pairs cost ~5 s a row on one loaded CPU
+# thread (up to 4 candidates, 2 images x 20 steps each), so 120 rows, of which the probe filter keeps ~60%.
+IP2P_PAIRS = {"exact": 400, "p2p": 120}
+# P2P-made pairs: the candidates per row (seeds x self-replace fractions) and the exact probe filter
+IP2P_P2P = dict(seeds=(0, 1), self_replace_steps=(0.4, 0.8), cross_replace_steps=0.8, min_score=1.0, max_score=1.0)
+
+
+def ip2p_pairs(folder, data: str = "exact", *, base=BASE_DIR, n: int | None = None, seed: int = 0,
+               progress: bool = False) -> tuple[Path, dict]:
+    """A training folder of (input image, instruction, edited image) triplets on the world's training split
+    (the held-out combinations stay out, as in the base's training): `data="exact"` the world's own rendered
+    edit pairs (`world.export("edits")`), `data="p2p"` the paper's recipe in miniature: the same rows' captions
+    drawn by the toy base with Prompt-to-Prompt and kept only where the probes read an exact edit
+    (`ip2p_data.make_pairs` with `toy_probe_score` at 1.0). Returns (folder, {"pairs": kept, "rows": n,
+    "seconds": making them})."""
+    from customize.methods import ip2p_data
+
+    start = time.perf_counter()
+    n = IP2P_PAIRS.get(data, 0) if n is None else n
+    if data == "exact":
+        out = world.export("edits", folder, n, seed, split="train")
+        kept = n
+    elif data == "p2p":
+        settings = dict(IP2P_P2P)
+        lo, hi = settings.pop("min_score"), settings.pop("max_score")
+        rows = ip2p_data.toy_rows(n, seed, split="train")
+        pairs, _ = ip2p_data.make_pairs(load_base(base), rows, score=ip2p_data.toy_probe_score, min_score=lo,
+                                        max_score=hi, num_inference_steps=quality.EVAL_STEPS,
+                                        guidance_scale=quality.EVAL_GUIDANCE, progress=progress, **settings)
+        out, kept = ip2p_data.write_pairs(folder, pairs), len(pairs)
+    else:
+        raise ValueError(f"data must be 'exact' or 'p2p', got {data!r}")
+    return out, {"pairs": kept, "rows": n, "seconds": time.perf_counter() - start}
+
+
+def instruct_pix2pix(output_dir, *, base=BASE_DIR, data: str = "exact", n_pairs: int | None = None, seed: int = 0,
+                     reuse_pairs: bool = False, progress: bool = False, **overrides) -> Run:
+    """InstructPix2Pix trained on `ip2p_pairs(data)` (written to output_dir/pairs; with reuse_pairs an earlier
+    run's folder there is trained on again, since P2P pairs take minutes) from the toy base, with the recipe's
+    blocks (build_dataset, build_model, the shared engine). Run.pipe is the InstructPix2Pix pipeline; Run.seconds
+    counts training only, the pairs' cost is in Run.data (the ip2p_pairs record; seconds 0 when reused)."""
+    import json
+
+    from customize.methods import instruct_pix2pix as ip2p
+    from customize.training import train
+
+    folder = Path(output_dir) / "pairs"
+    if reuse_pairs and (folder / "metadata.jsonl").is_file():
+        kept = len((folder / "metadata.jsonl").read_text().splitlines())
+        made = {"pairs": kept, "rows": json.loads((folder / "made.json").read_text())["rows"]
+                if (folder / "made.json").is_file() else None, "seconds": 0.0}
+    else:
+        n = IP2P_PAIRS[data] if n_pairs is None and data in IP2P_PAIRS else n_pairs
+        folder, made = ip2p_pairs(folder, data, base=base, n=n, seed=seed, progress=progress)
+        (folder / "made.json").write_text(json.dumps(made) + "\n")
+    cfg = ip2p.InstructPix2PixConfig(
+        pretrained_model_name_or_path=str(base), train_data_dir=str(folder), resolution=world.IMAGE_SIZE,
+        output_dir=str(Path(output_dir) / "model"), seed=seed, checkpointing_steps=0, report_to="none",
+        progress=progress, lr_warmup_steps=0, **{**IP2P_DEFAULTS, **overrides},
+    )
+    start = time.perf_counter()
+    pipe = load_base(base)
+    dataset = ip2p.build_dataset(pipe, cfg)
+    model = ip2p.build_model(pipe, cfg)
+    result = train(ip2p.InstructPix2PixMethod(), model, dataset, cfg)
+    seconds = time.perf_counter() - start
+    model.unet.eval()
+    trained = sum(p.numel() for p in model.unet.parameters() if p.requires_grad)
+    return Run(model, seconds, trained, cfg.output_dir, list(result.losses), data=made)

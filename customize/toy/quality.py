@@ -362,3 +362,49 @@ def p2p_real_edit_scores(pipe, kind: str, controller_for, methods: Sequence[str]
     out = {f"{x}_{k}": v / n for x, t in tallies.items() for k, v in t.items()}
     out.update({f"{m}_seconds": statistics.median(s) for m, s in seconds.items()})
     return {**out, "real_read": real_read / n, "images": images}
+# InstructPix2Pix edits of held-out images
+# ---------------------------------------------------------------------------------------------------------------
+
+IP2P_ATTRIBUTES = ("colour", "background", "shape", "size", "position")
+IP2P_IMAGE_GUIDANCE = 1.5  # s_I, s_T: the pipelines' and the paper's starting values
+IP2P_TEXT_GUIDANCE = 7.5
+
+
+def ip2p_cases(n: int, seed: int = 1) -> list:
+    """n held-out edits: `world.edit_pair(seed, i, "heldout")`, scenes of the (colour, shape, background) triples
+    kept out of every training split, from a stream seed the training pairs do not use (they are drawn from
+    seed 0 on the training split), so no input image was seen in training."""
+    return [world.edit_pair(seed, i, "heldout") for i in range(n)]
+
+
+def ip2p_edit_scores(pipe, n: int = 64, seed: int = 1, image_guidance_scale: float = IP2P_IMAGE_GUIDANCE,
+                     guidance_scale: float = IP2P_TEXT_GUIDANCE, num_inference_steps: int = EVAL_STEPS) -> dict:
+    """An InstructPix2Pix pipeline on `ip2p_cases(n, seed)`: edit i = `customize.inference.instruct_edit(pipe,
+    render(source), instruction, seed=i)`; the probes read the input and the edit.
+
+    Returned (shares of the n cases):
+      ip2p_success     the instructed attribute reads as the edit pair's target
+      ip2p_preserved   every other attribute (of colour, background, shape, size, position) reads as in the input
+      ip2p_exact       both at once (what the P2P data filter keeps)
+      ip2p_<kind>      success of the cases of each edit kind (colour, background, size, position)
+    plus "images": per case [input, edit, exact target] (PIL)."""
+    from customize.inference import instruct_edit
+
+    cases = ip2p_cases(n, seed)
+    success = preserved = exact = 0
+    per_kind = {k: [0, 0] for k in world.EDIT_KINDS}
+    images = []
+    for i, e in enumerate(cases):
+        source, target = world.render(e.source), world.render(e.target)
+        edited = instruct_edit(pipe, source, e.instruction, i, image_guidance_scale=image_guidance_scale,
+                               guidance_scale=guidance_scale, num_inference_steps=num_inference_steps)
+        images.append([source, edited, target])
+        ref, r = probes.read(source), probes.read(edited)
+        ok = r.found and getattr(r, e.kind) == getattr(e.target, e.kind)
+        kept = ref.found and r.found and all(getattr(r, a) == getattr(ref, a) for a in IP2P_ATTRIBUTES if a != e.kind)
+        success, preserved, exact = success + ok, preserved + kept, exact + (ok and kept)
+        per_kind[e.kind][0] += ok
+        per_kind[e.kind][1] += 1
+    out = {"ip2p_success": success / n, "ip2p_preserved": preserved / n, "ip2p_exact": exact / n}
+    out.update({f"ip2p_{k}": hits / total if total else float("nan") for k, (hits, total) in per_kind.items()})
+    return {**out, "images": images}
