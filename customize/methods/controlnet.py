@@ -53,7 +53,7 @@ from customize.data.datasets import paired_key
 from customize.methods import dreambooth
 from customize.methods.lora import cast_frozen_weights
 from customize.training import sd
-from customize.training.config import SDTrainConfig
+from customize.training.config import PairedDataConfig
 
 CONDITIONING = "conditioning_image"  # the paired image's name in the dataset
 CONDITIONING_KEY = paired_key(CONDITIONING)  # "conditioning_pixel_values": (B, 3, H, W) in [-1, 1]
@@ -65,16 +65,10 @@ CONDITIONING_CHANNELS = (16, 32, 96, 256)
 
 
 @dataclass
-class ControlNetConfig(SDTrainConfig):
+class ControlNetConfig(PairedDataConfig):
     controlnet_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Start from this ControlNet (a folder or hub id); unset: a copy of the UNet's "
                                         "encoder with zero convolutions."})
-    train_data_dir: str | None = field(
-        default=None, metadata={"help": "Folder of images with a metadata.jsonl naming each image's conditioning "
-                                        "image (<conditioning_image_column>_file_name) and caption."})
-    dataset_name: str | None = field(
-        default=None, metadata={"help": "A datasets-library set instead: a hub name or a save_to_disk folder."})
-    dataset_split: str = field(default="train", metadata={"help": "Split of --dataset_name."})
     image_column: str = field(default="image", metadata={"help": "Column of the target images (--dataset_name)."})
     conditioning_image_column: str = field(
         default="conditioning_image", metadata={"help": "Column of the conditioning images (a folder: the "
@@ -90,15 +84,11 @@ class ControlNetConfig(SDTrainConfig):
                                           "validation/scores.png: mask_iou (toy-world shape masks), edge_f1 (canny "
                                           "control), auto (mask_iou for filled binary control images, else edge_f1) "
                                           "or none."})
-    center_crop: bool = field(default=True, metadata={"help": "Crop the centre of each image (else a random crop)."})
-    random_flip: bool = field(default=False, metadata={"help": "Flip image and conditioning image together at random."})
-    snr_gamma: float | None = field(default=None, metadata={"help": "min-SNR-gamma loss weighting; 5.0 is recommended."})
-    noise_offset: float = field(default=0.0, metadata={"help": "Noise offset scale (e.g. 0.05)."})
     learning_rate: float = 1e-5
     max_train_steps: int = 5000
     adam_weight_decay: float = 1e-2
 
-    RESUME_FREE: ClassVar[frozenset[str]] = SDTrainConfig.RESUME_FREE
+    RESUME_FREE: ClassVar[frozenset[str]] = PairedDataConfig.RESUME_FREE
 
     def __post_init__(self):
         super().__post_init__()
@@ -107,14 +97,10 @@ class ControlNetConfig(SDTrainConfig):
         if self.validation_score not in SCORES + ("auto", "none"):
             raise ValueError(f"validation_score must be one of {', '.join(SCORES + ('auto', 'none'))}, got "
                              f"{self.validation_score!r}")
-        if self.snr_gamma is not None and self.snr_gamma <= 0:
-            raise ValueError(f"snr_gamma must be > 0 (or unset), got {self.snr_gamma}")
 
     def check_inputs(self) -> None:
         """What a run cannot start without (the dataclass lets it be None so `--help` works)."""
-        if bool(self.train_data_dir) == bool(self.dataset_name):
-            raise ValueError("ControlNet training needs exactly one of --train_data_dir (a folder with metadata.jsonl) "
-                             "or --dataset_name (a datasets-library set)")
+        self.check_data_source("ControlNet")
         if self.validation_image and not self.validation_prompt:
             raise ValueError("--validation_image needs --validation_prompt")
         for path in self.validation_image or []:

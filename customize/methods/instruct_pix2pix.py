@@ -70,7 +70,7 @@ from customize.data.datasets import paired_key
 from customize.methods import dreambooth
 from customize.methods.lora import cast_frozen_weights
 from customize.training import sd
-from customize.training.config import SDTrainConfig
+from customize.training.config import PairedDataConfig
 
 ORIGINAL = "original_image"  # the paired (input) image's name in the data set
 ORIGINAL_KEY = paired_key(ORIGINAL)  # "original_pixel_values": (B, 3, H, W) in [-1, 1]
@@ -78,14 +78,7 @@ CACHED_ORIGINAL = "original_moments"  # the cache's VAE moments of the input ima
 
 
 @dataclass
-class InstructPix2PixConfig(SDTrainConfig):
-    train_data_dir: str | None = field(
-        default=None, metadata={"help": "Folder with a metadata.jsonl naming per line the input image "
-                                        "(<original_image_column>_file_name), the edited image "
-                                        "(<edited_image_column>_file_name) and the instruction."})
-    dataset_name: str | None = field(
-        default=None, metadata={"help": "A datasets-library set instead: a hub name or a save_to_disk folder."})
-    dataset_split: str = field(default="train", metadata={"help": "Split of the data set."})
+class InstructPix2PixConfig(PairedDataConfig):
     original_image_column: str = field(default="input_image", metadata={"help": "Column of the input images."})
     edit_prompt_column: str = field(default="edit_prompt", metadata={"help": "Column of the instructions."})
     edited_image_column: str = field(default="edited_image", metadata={"help": "Column of the edited images."})
@@ -95,28 +88,20 @@ class InstructPix2PixConfig(SDTrainConfig):
     validation_image: str | None = field(
         default=None, metadata={"help": "Input image of the validation edits (with --validation_prompt, the "
                                         "instruction)."})
-    center_crop: bool = field(default=True, metadata={"help": "Crop the centre of each image (else a random crop)."})
-    random_flip: bool = field(default=False, metadata={"help": "Flip input and edited image together at random."})
-    snr_gamma: float | None = field(default=None, metadata={"help": "min-SNR-gamma loss weighting; 5.0 is recommended."})
-    noise_offset: float = field(default=0.0, metadata={"help": "Noise offset scale (e.g. 0.05)."})
     learning_rate: float = 1e-4
     max_train_steps: int = 15000
 
-    RESUME_FREE: ClassVar[frozenset[str]] = SDTrainConfig.RESUME_FREE
+    RESUME_FREE: ClassVar[frozenset[str]] = PairedDataConfig.RESUME_FREE
 
     def __post_init__(self):
         super().__post_init__()
         if not 0.0 <= self.conditioning_dropout_prob <= 1.0 / 3.0:
             raise ValueError(f"conditioning_dropout_prob must be in [0, 1/3] (text, image and both are dropped with "
                              f"that probability each), got {self.conditioning_dropout_prob}")
-        if self.snr_gamma is not None and self.snr_gamma <= 0:
-            raise ValueError(f"snr_gamma must be > 0 (or unset), got {self.snr_gamma}")
 
     def check_inputs(self) -> None:
         """What a run cannot start without (the dataclass lets it be None so `--help` works)."""
-        if bool(self.train_data_dir) == bool(self.dataset_name):
-            raise ValueError("InstructPix2Pix training needs exactly one of --train_data_dir (a folder with "
-                             "metadata.jsonl) or --dataset_name (a datasets-library set)")
+        self.check_data_source("InstructPix2Pix")
         if self.validation_image and not self.validation_prompt:
             raise ValueError("--validation_image needs --validation_prompt (the instruction)")
         if self.validation_image and not Path(self.validation_image).is_file():

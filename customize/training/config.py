@@ -176,6 +176,35 @@ class SDTrainConfig(TrainConfig):
                              "(SDXL), or leave it out for the model's native size")
 
 
+
+@dataclass
+class PairedDataConfig(SDTrainConfig):
+    """The fields of the SD methods that train on image pairs (ControlNet, InstructPix2Pix): a folder with
+    metadata.jsonl (`train_data_dir`, its image columns named by the method) or a datasets-library set, the crop and
+    flip every image of a pair shares, and the loss options."""
+
+    train_data_dir: str | None = field(
+        default=None, metadata={"help": "Folder with a metadata.jsonl naming per line each image of the pair "
+                                        "(<column>_file_name, columns below) and the caption."})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A datasets-library set instead: a hub name or a save_to_disk folder."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of --dataset_name."})
+    center_crop: bool = field(default=True, metadata={"help": "Crop the centre of each image (else a random crop)."})
+    random_flip: bool = field(default=False, metadata={"help": "Flip the images of a pair together at random."})
+    snr_gamma: float | None = field(default=None, metadata={"help": "min-SNR-gamma loss weighting; 5.0 is recommended."})
+    noise_offset: float = field(default=0.0, metadata={"help": "Noise offset scale (e.g. 0.05)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ValueError(f"snr_gamma must be > 0 (or unset), got {self.snr_gamma}")
+
+    def check_data_source(self, method: str) -> None:
+        """Exactly one of train_data_dir / dataset_name (checked when a run starts, so `--help` needs neither)."""
+        if bool(self.train_data_dir) == bool(self.dataset_name):
+            raise ValueError(f"{method} training needs exactly one of --train_data_dir (a folder with metadata.jsonl) "
+                             "or --dataset_name (a datasets-library set)")
+
 class MissingDependencyError(ImportError, ValueError):
     """An option that needs a package this install lacks; the message names the package and the fix. Also a
     ValueError, so the recipes and the `customize` command report it in one line (customize.cli.USER_ERRORS)."""
