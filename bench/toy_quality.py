@@ -7,6 +7,7 @@ probes on held-out prompts and seeds, printed as one table (the measures of docs
 
 Columns (shares of generated images, probe-read; "-" where a row does not measure it):
   colour / shape / background   prompt accuracy on 200 held-out captions (combinations never trained on)
+  size / position               the same captions' size word and position phrase (each caption names both)
   subject / prompt              subject fidelity and prompt fidelity of "a sks shape on a <bg> background" for the
                                 backgrounds the 5 subject images never showed
   drift                         class prompt ("a shape on a <bg> background") images showing the subject
@@ -50,7 +51,7 @@ from customize.toy import experiments, quality, world
 
 COLUMNS = (
     ("trained", "trained params"), ("seconds", "train s"), ("colour", "colour"), ("shape", "shape"),
-    ("background", "bg"), ("subject_fidelity", "subject"), ("prompt_fidelity", "prompt"), ("class_drift", "drift"),
+    ("background", "bg"), ("size", "size"), ("position", "position"), ("subject_fidelity", "subject"), ("prompt_fidelity", "prompt"), ("class_drift", "drift"),
     ("style_presence", "style"),
 )
 

@@ -23,6 +23,16 @@ def test_word_regions_ground_the_shape_words_and_the_background_words():
         grounding.word_regions("a red circle on a blue background on a mat", 24)
 
 
+def test_position_grounding_adds_the_position_words_to_the_shape_only():
+    text = "a large red circle at the top left on a blue background"
+    plain, with_position = grounding.word_regions(text, 24), grounding.word_regions(text, 24, position=True)
+    changed = (plain != with_position).nonzero().flatten().tolist()
+    assert changed == [7, 8] and with_position[7:9].tolist() == [SHAPE, SHAPE]  # "top left"; "at the" are not
+    centre = grounding.word_regions("a red square in the center on a green background", 24, position=True)
+    assert centre[1:11].tolist() == [0, 1, 1, 0, 0, 1, 0, 0, 2, 2]  # a red square in the center on a green background
+    assert grounding.POSITION_WORDS == {"top", "bottom", "left", "right", "center"}
+
+
 def test_every_base_caption_word_is_one_token_so_word_positions_are_token_positions():
     from customize.toy.tokenizer import toy_tokenizer
 
@@ -142,3 +152,20 @@ def test_grounding_settings_are_checked():
     scene, text = world.base_example(0, 0)
     assert ex["text"] == text
     assert torch.equal(ex["shape_mask"], torch.from_numpy(world.coverage(scene)))  # the mask of the scene drawn
+
+
+def test_position_grounding_option_marks_the_position_captions_and_words(tmp_path):
+    from customize.toy import base as toy_base
+    from customize.toy.tokenizer import toy_tokenizer
+
+    tok = toy_tokenizer()
+    data = toy_base.ToyImages(16, 0, masks=True)
+    examples = [data[i] for i in range(16)]
+    plain = toy_base.TextUNetStage(tok, tmp_path / "p").collate(examples)
+    stage = toy_base.TextUNetStage(tok, tmp_path / "p", ground_position=True)
+    batch = stage.collate(examples)
+    names = [world.parse_caption(e["text"])["position"] is not None for e in examples]
+    assert any(names) and not all(names)  # training captions drop the position half the time
+    assert batch["names_position"].tolist() == names
+    extra = (batch["token_regions"] != plain["token_regions"]).any(-1).tolist()
+    assert extra == names  # only captions naming a position gain grounded words

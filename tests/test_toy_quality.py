@@ -54,9 +54,11 @@ def test_committed_model_is_small_and_loads_offline_in_plain_diffusers():
 
 
 def test_base_model_draws_held_out_captions(base_pipe):
-    """Acceptance 1: colour, shape and background each >= 80% on 200 combinations never trained on."""
+    """Acceptance 1: colour, shape and background each >= 80% on 200 combinations never trained on; the size
+    word is followed too (96% measured). The position phrase is not yet (25% measured, chance 20%:
+    bench/toy_position.py), so it is reported by the bench's base row, not asserted."""
     scores = quality.base_accuracy(base_pipe, n=200).scores
-    for attr in quality.BASE_ATTRIBUTES:
+    for attr in quality.BASE_ATTRIBUTES + ("size",):
         assert scores[attr] >= 0.8, scores
     # and the base has never seen the subject: nothing subject-like comes out of the identifier or class word
     assert quality.subject_scores(base_pipe, seeds_per_prompt=2).scores["subject_fidelity"] <= 0.1

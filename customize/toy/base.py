@@ -98,6 +98,10 @@ class ToyBaseConfig(TrainConfig):
                 "is pulled into the region it names (the shape's words onto the shape's mask, the background's "
                 "onto the rest), so the base localises words as Stable Diffusion does. Without it (0) the base reads "
                 "its prompt as one pooled vector and a DreamBooth-LoRA binds the subject to its backgrounds."})
+    ground_position: bool = field(default=False, metadata={
+        "help": "Also ground the position words (\"top\", \"left\", \"center\", ...) to the shape's mask, and ask "
+                "for it at every noise level in captions that name a position (the layout is chosen from them at "
+                "t = T, where the other words' grounding is weighted 0)."})
     snr_gamma: float | None = field(default=5.0, metadata={"help": "min-SNR-gamma weighting of the denoising loss."})
     noise_offset: float = field(default=0.0, metadata={"help": "Noise offset scale (helps flat, saturated colours)."})
     zero_terminal_snr: bool = field(default=True, metadata={
@@ -297,8 +301,8 @@ class VAEStage:
 class TextUNetStage:
     """Engine method for the text encoder and UNet of a pipeline whose VAE is trained and frozen."""
 
-    def __init__(self, tokenizer, pipeline_dir: str | Path):
-        self.tokenizer, self.pipeline_dir = tokenizer, Path(pipeline_dir)
+    def __init__(self, tokenizer, pipeline_dir: str | Path, ground_position: bool = False):
+        self.tokenizer, self.pipeline_dir, self.ground_position = tokenizer, Path(pipeline_dir), ground_position
         self.attention: dict[str, list[torch.Tensor]] = {}  # cross-attention maps of the current step (grounding)
         self.timesteps: torch.Tensor | None = None
         self._processors = self._timestep_hook = None  # what prepare installs for the grounding loss
@@ -345,7 +349,8 @@ class TextUNetStage:
             from customize.toy.grounding import word_regions
 
             length = self.tokenizer.model_max_length
-            batch["token_regions"] = torch.stack([word_regions(t, length) for t in texts])  # (B, L)
+            batch["token_regions"] = torch.stack([word_regions(t, length, self.ground_position) for t in texts])  # (B, L)
+            batch["names_position"] = torch.tensor([world.parse_caption(t)["position"] is not None for t in texts])
         return batch
 
     def loss(self, pipe, batch, cfg: ToyBaseConfig):
@@ -358,7 +363,10 @@ class TextUNetStage:
         scheduler = sd.training_scheduler(pipe)
         alpha_bar = scheduler.alphas_cumprod.to(self.timesteps.device)[self.timesteps]  # (B,)
         probs = [maps[-1] for maps in self.attention.values()]  # (B, N, L) per cross-attention layer
-        ground = grounding_loss(probs, batch["shape_mask"], batch["token_regions"], alpha_bar.sqrt())
+        weights = alpha_bar.sqrt()
+        if cfg.ground_position:  # a named position is asked for at every t: it is what fixes the layout at t = T
+            weights = torch.where(batch["names_position"].to(weights.device), torch.ones_like(weights), weights)
+        ground = grounding_loss(probs, batch["shape_mask"], batch["token_regions"], weights)
         self.attention.clear()
         return {**out, "loss": out["loss"] + cfg.grounding_loss_weight * ground, "grounding": ground.detach()}
 
@@ -460,7 +468,7 @@ def train_toy_base(cfg: ToyBaseConfig) -> ToyBaseResult:
     unet_cfg = replace(cfg, output_dir=str(out / "stage2-unet"), max_train_steps=cfg.unet_train_steps,
                        learning_rate=cfg.unet_learning_rate)
     data = ToyImages(cfg.num_train_images, cfg.data_seed, masks=bool(cfg.grounding_loss_weight))
-    result = train(TextUNetStage(tokenizer, pipeline_dir), pipe, data, unet_cfg)
+    result = train(TextUNetStage(tokenizer, pipeline_dir, cfg.ground_position), pipe, data, unet_cfg)
     final["unet"] = result.losses[-1]
     seconds["total"] = time.perf_counter() - start
     seconds["unet"] = seconds["total"] - seconds["vae"]

@@ -30,12 +30,15 @@ from customize.toy import world
 UNGROUNDED, SHAPE, BACKGROUND = 0, 1, 2
 SHAPE_WORDS = frozenset(world.SIZES) | frozenset(world.PALETTE) | frozenset(world.ALL_SHAPES) | {
     world.SUBJECT.identifier, world.SUBJECT.class_word}
+# The content words of the position phrases ("top", "left", "center", ...; not "at", "in", "the").
+POSITION_WORDS = frozenset(w for phrase in world.POSITION_PHRASES.values() for w in phrase.split()[2:])
 
 
-def word_regions(text: str, length: int) -> torch.Tensor:
+def word_regions(text: str, length: int, position: bool = False) -> torch.Tensor:
     """(length,) region of each token of a base caption (token 0 = the start token): SHAPE for the shape's size,
-    colour and name, BACKGROUND for the background's colour and "background", UNGROUNDED for the rest (articles,
-    the position phrase, padding). Every word of a base caption is one token of the toy vocabulary."""
+    colour and name (with `position`, also the position phrase's "top", "left", "center", ...), BACKGROUND for the
+    background's colour and "background", UNGROUNDED for the rest (articles, prepositions, padding). Every word
+    of a base caption is one token of the toy vocabulary."""
     regions = torch.zeros(length, dtype=torch.long)
     words = text.lower().split()
     if words.count("on") > 1:
@@ -48,7 +51,7 @@ def word_regions(text: str, length: int) -> torch.Tensor:
             after_on = True
         elif after_on and (word in world.PALETTE or word == "background"):
             regions[i] = BACKGROUND
-        elif not after_on and word in SHAPE_WORDS:
+        elif not after_on and (word in SHAPE_WORDS or (position and word in POSITION_WORDS)):
             regions[i] = SHAPE
     return regions
 
