@@ -59,7 +59,8 @@ The Prompt-to-Prompt controllers (the math is in docs/methods.md, "Prompt-to-Pro
     LocalBlend
               edits the latents, not the maps: after each step from `start_blend` on, target latent
               z* <- z + B (z* - z), B a binary mask from the blend words' cross-attention maps (the pixels where
-              the edit may happen); composes with a base (Replace / Refine / Reweight) that edits the maps.
+              the edit may happen; `invert`: the pixels that must stay); composes with a base (Replace / Refine /
+              Reweight) that edits the maps.
     AttentionStore
               an observer: the maps averaged over heads and steps, per layer, for layers of at most
               `max_pixels` pixels (heat maps).
@@ -630,6 +631,18 @@ class Observed(Controller):
 
 # ------------------------------------------------------------------------------------------------ local blending
 
+# LocalBlend's defaults, by what the words' mask marks. Where the blurry map is unsure (the object's rim), the
+# pixel is better the target's than the source's: the target row is drawn as one picture (its rim matches what
+# it drew next to it), while a source pixel pasted in keeps whatever the source had there. So the mask leans
+# towards the target on either side:
+# - the region that changes (the paper's local edit): generous, 0.3 of the peak after a dilation of 1;
+# - the region that is kept (invert=True, a background swap): tight, 0.4 of the peak and no dilation. At 0.3 the
+#   kept region of the toy model overhangs the shape by a latent pixel in a quarter of the cases (the 4 x 4 maps
+#   are blobs centred on the shape's centroid: below a triangle's base); the old background kept there shows as
+#   a speck of its colour fused to the shape, and the shape reads as another (docs/benchmarks.md).
+BLEND_THRESHOLD, BLEND_DILATION = 0.3, 1
+KEEP_THRESHOLD, KEEP_DILATION = 0.4, 0
+
 
 def _grid_of(pixels: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
     """(h, w) of a layer with `pixels` queries for latents of latent_hw: the level l where
@@ -661,6 +674,13 @@ class LocalBlend(Controller):
     the source latent (the source image). With `invert` the words mark what must stay: M_j = NOT (B_0 OR B_j)
     (a background swap that keeps the shape).
 
+    threshold, dilation
+                default by what B marks, so that the object's uncertain rim goes to the target row (drawn as
+                one picture) rather than to the source latent (pasted in, whatever it had there): the region
+                that changes 0.3 and 1 (BLEND_THRESHOLD, BLEND_DILATION: the paper's, generous), the region that
+                is kept (invert) 0.4 and 0 (KEEP_THRESHOLD, KEEP_DILATION: tight; a kept pixel of the old
+                background is a speck of its colour at the object's edge). Given, they apply as given.
+
     words       the blend words (one or more whitespace words each): a list looked up in every prompt (each
                 prompt uses those it has), or one list per prompt ([source words, target 1 words, ...]); a
                 word in none of the prompts it is looked up in is a ValueError, and so is a (source, target)
@@ -677,8 +697,9 @@ class LocalBlend(Controller):
         LocalBlend(["circle", "square"], base=Replace(0.8, 0.4), threshold=0.3)
     """
 
-    def __init__(self, words, base: Controller | None = None, threshold: float = 0.3, start_blend: float = 0.2,
-                 max_pixels: int = 32 * 32, dilation: int = 1, invert: bool = False):
+    def __init__(self, words, base: Controller | None = None, threshold: float | None = None,
+                 start_blend: float = 0.2, max_pixels: int = 32 * 32, dilation: int | None = None,
+                 invert: bool = False):
         super().__init__()
         if isinstance(words, str):
             words = [words]
@@ -688,12 +709,19 @@ class LocalBlend(Controller):
         self.per_prompt = not isinstance(words[0], str)
         self.words = [[str(w) for w in ([ws] if isinstance(ws, str) else ws)] for ws in words] if self.per_prompt \
             else [str(w) for w in words]
+        invert = bool(invert)
+        if threshold is None:
+            threshold = KEEP_THRESHOLD if invert else BLEND_THRESHOLD
+        if dilation is None:
+            dilation = KEEP_DILATION if invert else BLEND_DILATION
         if not math.isfinite(float(threshold)) or threshold < 0:
             raise ValueError(f"LocalBlend threshold must be a number >= 0 (a fraction of the map's peak), got "
                              f"{threshold!r}")
+        if int(dilation) != dilation or dilation < 0:
+            raise ValueError(f"LocalBlend dilation must be a whole number of latent pixels >= 0, got {dilation!r}")
         self.start_window = _window((float(start_blend), 1.0), "start_blend")
         self.threshold, self.max_pixels, self.dilation = float(threshold), int(max_pixels), int(dilation)
-        self.invert, self.base = bool(invert), base
+        self.invert, self.base = invert, base
         self.edits = base is not None and getattr(base, "edits", True)
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}

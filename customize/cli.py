@@ -90,8 +90,11 @@ file is written atomically; a folder that already holds them is refused unless -
   --self-steps F        ... and its self-attention (default 0.4): more keeps more of the source's layout
   --reweight WORD=C     scale a target word's attention by C (repeatable; 2 strengthens, 0.5 weakens)
   --blend WORD          local blend: only the pixels of these words' objects change (repeatable; words of the
-                        source and/or the targets); --blend-threshold (default 0.3) is the fraction of the
-                        words' peak attention that counts as the object; --blend-invert keeps those pixels instead
+                        source and/or the targets); --blend-invert keeps those pixels instead. --blend-threshold
+                        is the fraction of the words' peak attention that counts as the object and
+                        --blend-dilation grows it by that many latent pixels (defaults 0.3 and 1 for the region
+                        that changes, 0.4 and 0 with --blend-invert: the kept region is drawn tight, since a kept
+                        pixel of the old background shows as a speck of it at the object's edge)
   --image FILE --inversion {null-text,negative-prompt,direct,ddim}
                         edit a real image (--prompt describes it) through an inversion
 
@@ -563,8 +566,10 @@ def cmd_edit(args) -> int:
         raise ValueError("--steps must be at least 1")
     if not math.isfinite(args.guidance):
         raise ValueError(f"--guidance {args.guidance}: must be a finite number (e.g. 7.5; 1 turns guidance off)")
-    if not math.isfinite(args.blend_threshold) or args.blend_threshold < 0:
+    if args.blend_threshold is not None and (not math.isfinite(args.blend_threshold) or args.blend_threshold < 0):
         raise ValueError(f"--blend-threshold {args.blend_threshold}: must be a number >= 0 (a fraction of the peak)")
+    if args.blend_dilation is not None and args.blend_dilation < 0:
+        raise ValueError(f"--blend-dilation {args.blend_dilation}: must be a whole number of latent pixels >= 0")
     if (args.image is None) != (args.inversion is None):
         raise ValueError("--image and --inversion go together: a real image is edited through an inversion "
                          f"({', '.join(INVERSIONS)})")
@@ -605,7 +610,9 @@ def cmd_edit(args) -> int:
         controller = Reweight(weights, base=controller)
     if args.blend:
         controller = LocalBlend(args.blend, base=controller, threshold=args.blend_threshold,
-                                invert=args.blend_invert)
+                                dilation=args.blend_dilation, invert=args.blend_invert)
+    blend_settings = ({"blend_threshold": controller.threshold, "blend_dilation": controller.dilation}
+                      if args.blend else {"blend_threshold": None, "blend_dilation": None})
     store = AttentionStore()
     bar = tqdm(total=args.steps, desc="editing", unit="step", disable=args.no_progress)
 
@@ -635,7 +642,7 @@ def cmd_edit(args) -> int:
         "guidance": args.guidance, "negative_prompt": args.negative_prompt, "width": width, "height": height,
         "scheduler": type(pipe.scheduler).__name__, "controller": "refine" if args.refine else "replace",
         "cross_steps": args.cross_steps, "self_steps": args.self_steps, "reweight": weights,
-        "blend": args.blend or [], "blend_threshold": args.blend_threshold, "blend_invert": args.blend_invert,
+        "blend": args.blend or [], **blend_settings, "blend_invert": args.blend_invert,
         "image": args.image, "inversion": args.inversion, "images": [p.name for p in written],
     }
     with atomic_path(outputs[-1]) as tmp:
@@ -987,8 +994,10 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--reweight", action="append", metavar="WORD=C", help="scale a target word's attention (repeatable)")
     ed.add_argument("--blend", action="append", metavar="WORD", help="local blend: only these words' pixels change "
                     "(repeatable)")
-    ed.add_argument("--blend-threshold", type=float, default=0.3, help="fraction of a blend word's peak attention "
-                    "that belongs to its object (default 0.3)")
+    ed.add_argument("--blend-threshold", type=float, default=None, help="fraction of a blend word's peak attention "
+                    "that belongs to its object (default 0.3; 0.4 with --blend-invert)")
+    ed.add_argument("--blend-dilation", type=int, default=None, metavar="N", help="grow the blend words' mask by N "
+                    "latent pixels before thresholding (default 1; 0 with --blend-invert)")
     ed.add_argument("--blend-invert", action="store_true", help="keep the blend words' pixels, change the rest")
     ed.add_argument("--image", default=None, help="a real image to edit (with --inversion)")
     ed.add_argument("--inversion", default=None, choices=INVERSIONS, help="how --image is inverted")

@@ -37,13 +37,19 @@ def test_edit_writes_source_edits_attention_and_grid(tmp_path):
     # an earlier edit's files are refused unless --overwrite
     assert main(args) == 1
     assert main([*args, "--overwrite"]) == 0
+    # LocalBlend's defaults by what the mask marks, recorded as used: generous for the region that changes, tight
+    # for the region that is kept
+    assert (record["blend_threshold"], record["blend_dilation"], record["blend_invert"]) == (0.3, 1, False)
+    assert main([*args, "--overwrite", "--blend-invert"]) == 0
+    record = json.loads((out / "edit.json").read_text())
+    assert (record["blend_threshold"], record["blend_dilation"], record["blend_invert"]) == (0.4, 0, True)
 
 
 LONG = " ".join(["a red circle"] * 30)
 
 
 @pytest.mark.parametrize("case", ["word-count", "too-long", "blend-word", "reweight-word", "no-target",
-                                  "image-alone", "image-mode"])
+                                  "image-alone", "image-mode", "blend-dilation"])
 def test_edit_refuses_bad_input_and_writes_nothing(case, tmp_path, capsys):
     photo = tmp_path / "photo.png"
     Image.new("RGB", (32, 32)).save(photo)
@@ -55,6 +61,7 @@ def test_edit_refuses_bad_input_and_writes_nothing(case, tmp_path, capsys):
         "no-target": [],
         "image-alone": ["--target", TARGET, "--image", str(photo)],
         "image-mode": ["--target", TARGET, "--image", str(photo.with_name("rgba.png")), "--inversion", "ddim"],
+        "blend-dilation": ["--target", TARGET, "--blend", "circle", "--blend-dilation", "-1"],
     }[case]
     Image.new("RGBA", (32, 32)).save(photo.with_name("rgba.png"))
     out = tmp_path / "out"
@@ -62,7 +69,7 @@ def test_edit_refuses_bad_input_and_writes_nothing(case, tmp_path, capsys):
     err = capsys.readouterr().err
     expected = {"word-count": "use --refine", "too-long": "tokens long", "blend-word": "--blend 'triangle'",
                 "reweight-word": "--reweight 'circle'", "no-target": "no target", "image-alone": "go together",
-                "image-mode": "RGBA"}[case]
+                "image-mode": "RGBA", "blend-dilation": "--blend-dilation -1"}[case]
     assert expected in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
 

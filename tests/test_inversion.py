@@ -76,6 +76,40 @@ def test_null_text_and_direct_beat_ddim_with_guidance_on_the_toy_base(toy, image
     assert psnr["direct"] > psnr["ddim"] + 0.3, psnr
 
 
+def _inversion_bench():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "bench" / "toy_inversion.py"
+    spec = importlib.util.spec_from_file_location("toy_inversion_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        del sys.modules[spec.name]
+    return bench
+
+
+def test_tiny_sdxl_with_the_toy_vae_null_text_and_direct_beat_ddim_in_pixels(toy, image):
+    """bench/toy_inversion.py's "sdxl" model: the tiny SDXL layout (random UNet, two random text encoders) around
+    the toy base's trained VAE, so that the pixels show what null-text's lower latent error buys."""
+    bench = _inversion_bench()
+    pipe = bench.tiny_sdxl()
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.text_encoder_2 is not None and pipe.unet.config.addition_embed_type == "text_time"
+    assert torch.equal(pipe.vae.decoder.conv_out.weight, toy.vae.decoder.conv_out.weight)  # the trained VAE
+    vae = bench.vae_round_trip(pipe, image)
+    assert inv.psnr(vae, image) > 25  # it decodes faithfully (the random tiny VAE's round trip is ~8 dB)
+    w, n = 5.0, 4
+    psnr = {m: inv.psnr(inv.reconstruct(pipe, inv.invert(pipe, image, PROMPT, m, num_inference_steps=n,
+                                                         guidance_scale=w, **kw)), vae)
+            for m, kw in (("ddim", {}), ("null-text", {"inner_steps": 5, "learning_rate": 5e-2}), ("direct", {}))}
+    assert psnr["null-text"] > psnr["ddim"] + 1.0, psnr
+    assert psnr["direct"] == float("inf"), psnr  # the source branch ends on the image latent: the VAE's decode
+
+
 def test_negative_prompt_inversion_is_ddim_cost_and_no_gradient(sd, image, monkeypatch):
     calls = []
     hook = sd.unet.register_forward_hook(lambda m, a, o: calls.append(torch.is_grad_enabled()))

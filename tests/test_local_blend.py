@@ -1,6 +1,7 @@
 """customize.attention.LocalBlend and the attention heat maps, on the tiny SD pipeline (3 steps, 32 pixels):
 threshold above 1 keeps the source latent, threshold 0 is the edit without LocalBlend (bitwise), the mask
-follows the blend word's map, composition with Reweight, bad blend words."""
+follows the blend word's map, the defaults by what the mask marks (changed or kept region), composition with
+Reweight, bad blend words."""
 
 import numpy as np
 import pytest
@@ -63,6 +64,31 @@ def test_mask_follows_the_blend_words_map_and_composes(sd):
     assert torch.equal(source, target)
 
 
+def test_defaults_draw_the_changed_region_generous_and_the_kept_region_tight(sd):
+    from customize.attention import BLEND_DILATION, BLEND_THRESHOLD, KEEP_DILATION, KEEP_THRESHOLD
+
+    assert (BLEND_THRESHOLD, BLEND_DILATION, KEEP_THRESHOLD, KEEP_DILATION) == (0.3, 1, 0.4, 0)
+    plain, kept = LocalBlend("circle"), LocalBlend("circle", invert=True)
+    assert (plain.threshold, plain.dilation, kept.threshold, kept.dilation) == (0.3, 1, 0.4, 0)
+    given = LocalBlend("circle", invert=True, threshold=0.3, dilation=1)  # given values apply as given
+    assert (given.threshold, given.dilation) == (0.3, 1)
+    # the inverted default is exactly the explicit (0.4, 0) blend
+    runs = []
+    for kw in ({}, {"threshold": 0.4, "dilation": 0}):
+        blend = LocalBlend(["circle", "square"], base=Replace(0.8, 0.4), invert=True, start_blend=0.0, **kw)
+        runs.append((_latents(sd, blend), blend.masks))
+    assert all(torch.equal(a, b) for a, b in zip(*(r[0] for r in runs))) and torch.equal(runs[0][1], runs[1][1])
+    # on the same maps, the tight words' mask lies inside the generous one
+    side = runs[0][0][0].shape[-1]
+    for level in (0.4, 0.99):  # the random model's maps are flat: at 0.4 both masks hold every pixel
+        blend.threshold, blend.dilation = level, 0
+        tight = blend.word_masks((side, side))
+        blend.threshold, blend.dilation = min(level, 0.3), 1
+        generous = blend.word_masks((side, side))
+        assert tight.any() and not (tight & ~generous).any()
+    assert generous.sum() > tight.sum()
+
+
 def test_bad_blend_words_are_clear_errors(sd):
     with pytest.raises(ValueError, match="blend word 'triangle' is in none of the prompts"):
         _latents(sd, LocalBlend(["triangle"], base=Replace()))
@@ -72,6 +98,9 @@ def test_bad_blend_words_are_clear_errors(sd):
         _latents(sd, LocalBlend([["circle"]], base=Replace()))
     with pytest.raises(ValueError, match="threshold must be"):
         LocalBlend(["circle"], threshold=float("nan"))
+    for bad in (-1, 0.5):
+        with pytest.raises(ValueError, match="dilation must be a whole number"):
+            LocalBlend(["circle"], dilation=bad)
     with pytest.raises(ValueError, match="raise max_pixels"):
         _latents(sd, LocalBlend(["circle"], base=Replace(), max_pixels=1, start_blend=0.0))
 
