@@ -370,7 +370,7 @@ def controlnet_mask_row(ctx: Context) -> dict:
     import json
 
     run = experiments.controlnet_mask(ctx.output_dir / "controlnet-mask", base=ctx.base, seed=ctx.seed)
-    scored = quality.control_scores(run.pipe, _control_cases(ctx), ctx.seed)
+    scored = quality.control_scores(run.pipe, _control_cases(ctx), ctx.seed, **experiments.CONTROLNET_SAMPLING)
     _save_samples("controlnet-mask", scored, ctx, 12)
     scores_file = Path(run.output_dir) / "validation" / "scores.jsonl"
     logs = [json.loads(line) for line in scores_file.read_text().splitlines()] if scores_file.is_file() else []
