@@ -297,7 +297,10 @@ def test_validation_images_use_the_placeholder(tmp_path):
     method = ti.TextualInversion()
     (weight,) = method.trainable_parameters(pipe, cfg)
     with torch.no_grad():
-        weight[method.tokens.slots[0].token_ids] += 1.0  # S* no longer looks like its initializer
+        # S* no longer looks like its initializer. Not a constant shift: every LayerNorm of the text encoder
+        # removes a vector's mean, so "+= 1.0" would leave its output unchanged.
+        ids = method.tokens.slots[0].token_ids
+        weight[ids] += torch.randn(weight[ids].shape, generator=torch.Generator().manual_seed(0))
     images = method.validate(pipe, cfg, step=0)
 
     def seeds():  # validation image i is drawn from the seed cfg.seed + i (customize.inference.generate)
