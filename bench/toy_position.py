@@ -36,9 +36,9 @@ SENSITIVITY_TIMESTEPS = (999, 900, 800, 700, 600, 400)
 
 
 def _embed(pipe, texts):
-    tok = pipe.tokenizer
-    ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-    return pipe.text_encoder(ids.to(pipe.device))[0]
+    from customize.training import sd
+
+    return sd.encode_prompts(pipe, texts)["encoder_hidden_states"]  # (B, L, D)
 
 
 @torch.no_grad()

@@ -350,7 +350,8 @@ class TextUNetStage:
 
             length = self.tokenizer.model_max_length
             batch["token_regions"] = torch.stack([word_regions(t, length, self.ground_position) for t in texts])  # (B, L)
-            batch["names_position"] = torch.tensor([world.parse_caption(t)["position"] is not None for t in texts])
+            if self.ground_position:
+                batch["names_position"] = torch.tensor([world.parse_caption(t)["position"] is not None for t in texts])
         return batch
 
     def loss(self, pipe, batch, cfg: ToyBaseConfig):
