@@ -69,3 +69,17 @@ def test_position_bench_measures_sensitivity_against_a_colour_swap(one_thread, c
     assert "position" in out and "| 999 |" in out
     assert torch.is_grad_enabled()
 
+
+CANDIDATE = Path(__file__).resolve().parents[1] / "data" / "toy" / "base-candidate"
+
+
+@pytest.mark.skipif(not experiments.base_available(CANDIDATE), reason="no candidate base in data/toy/base-candidate")
+def test_candidate_base_loads_in_diffusers_and_follows_position_words(one_thread):
+    from diffusers import StableDiffusionPipeline
+
+    from customize.toy import quality
+
+    assert sum(p.stat().st_size for p in CANDIDATE.rglob("*") if p.is_file()) < 20 * 2**20
+    pipe = StableDiffusionPipeline.from_pretrained(CANDIDATE)
+    scores = quality.base_accuracy(pipe, n=40).scores  # the committed base: position 25% on 200 (chance 20%)
+    assert scores["position"] >= 0.8 and scores["colour"] >= 0.9 and scores["background"] >= 0.9, scores
