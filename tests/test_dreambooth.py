@@ -136,6 +136,16 @@ def test_class_images_fill_the_folder_deterministically_and_resume(tmp_path, tin
         assert np.abs(first[names[i]] - first[names[j]]).mean() > 10, (i, j)  # the seeds give different images
 
 
+def test_class_images_take_their_own_guidance_scale(tmp_path, tiny_sd):
+    kw = dict(sample_batch_size=2, seed=7, resolution=RESOLUTION, num_inference_steps=2, progress=False)
+    pixels = {}
+    for name, extra in (("default", {}), ("7.5", {"guidance_scale": 7.5}), ("1.0", {"guidance_scale": 1.0})):
+        (written,) = class_images.generate_class_images(tiny_sd, tmp_path / name, "a photo of dog", 1, **kw, **extra)
+        pixels[name] = _pixels(written)
+    assert np.array_equal(pixels["default"], pixels["7.5"])  # unset: the pipeline's own default
+    assert np.abs(pixels["default"] - pixels["1.0"]).mean() > 1  # guidance 1: the conditional prediction alone
+
+
 def test_full_dreambooth_output_loads_with_from_pretrained(tmp_path):
     """Recipe steps with prior preservation and a trained text encoder; the saved folder reproduces the
     in-memory model's image, the VAE is bitwise unchanged, and validation images were recorded."""

@@ -42,6 +42,8 @@ class DreamBoothConfig(SDTrainConfig):
     num_class_images: int = field(default=100, metadata={"help": "Class images wanted in class_data_dir."})
     sample_batch_size: int = field(default=4, metadata={"help": "Batch size when generating class images."})
     class_inference_steps: int = field(default=50, metadata={"help": "Sampling steps per generated class image."})
+    class_guidance_scale: float | None = field(default=None, metadata={
+        "help": "Classifier-free guidance of the generated class images (unset: the pipeline's default, 7.5 for SD)."})
     center_crop: bool = field(default=False, metadata={"help": "Crop the centre of each image (else a random crop)."})
     random_flip: bool = field(default=False, metadata={"help": "Flip images horizontally at random."})
     use_captions: bool = field(
@@ -92,7 +94,8 @@ def build_dataset(pipe, cfg: DreamBoothConfig):
     if cfg.with_prior_preservation:
         generate_class_images(
             pipe, cfg.class_data_dir, cfg.class_prompt, cfg.num_class_images, sample_batch_size=cfg.sample_batch_size,
-            seed=cfg.seed, resolution=cfg.resolution, num_inference_steps=cfg.class_inference_steps, progress=cfg.progress,
+            seed=cfg.seed, resolution=cfg.resolution, num_inference_steps=cfg.class_inference_steps,
+            guidance_scale=cfg.class_guidance_scale, progress=cfg.progress,
         )
     return dreambooth_dataset(
         cfg.instance_data_dir, cfg.instance_prompt, cfg.resolution,

@@ -102,6 +102,9 @@ class ToyBaseConfig(TrainConfig):
         "help": "Also ground the position words (\"top\", \"left\", \"center\", ...) to the shape's mask, and ask "
                 "for it at every noise level in captions that name a position (the layout is chosen from them at "
                 "t = T, where the other words' grounding is weighted 0)."})
+    ground_every_timestep: bool = field(default=False, metadata={
+        "help": "Weight every caption's grounding loss by 1 at every noise level (default: sqrt(alpha_bar_t), 0 at "
+                "t = T, except captions naming a position under ground_position)."})
     snr_gamma: float | None = field(default=5.0, metadata={"help": "min-SNR-gamma weighting of the denoising loss."})
     noise_offset: float = field(default=0.0, metadata={"help": "Noise offset scale (helps flat, saturated colours)."})
     zero_terminal_snr: bool = field(default=True, metadata={
@@ -364,8 +367,8 @@ class TextUNetStage:
         scheduler = sd.training_scheduler(pipe)
         alpha_bar = scheduler.alphas_cumprod.to(self.timesteps.device)[self.timesteps]  # (B,)
         probs = [maps[-1] for maps in self.attention.values()]  # (B, N, L) per cross-attention layer
-        weights = alpha_bar.sqrt()
-        if cfg.ground_position:  # a named position is asked for at every t: it is what fixes the layout at t = T
+        weights = torch.ones_like(alpha_bar) if cfg.ground_every_timestep else alpha_bar.sqrt()
+        if cfg.ground_position and not cfg.ground_every_timestep:  # a named position is asked for at every t: it is what fixes the layout at t = T
             weights = torch.where(batch["names_position"].to(weights.device), torch.ones_like(weights), weights)
         ground = grounding_loss(probs, batch["shape_mask"], batch["token_regions"], weights)
         self.attention.clear()

@@ -101,7 +101,8 @@ def _subject_config(config_cls, output_dir, *, base, with_prior: bool, num_class
     )
 
 
-def captioned_class_images(folder, backgrounds, n: int, *, base=BASE_DIR, seed: int = 0) -> Path:
+def captioned_class_images(folder, backgrounds, n: int, *, base=BASE_DIR, seed: int = 0,
+                           guidance_scale: float | None = None) -> Path:
     """Class images named by their background: image i is the base model's "a shape on a <bg> background" for
     bg = backgrounds[i % len(backgrounds)], its caption in a .txt beside it (the shared class-image generator,
     which writes only the missing ones; the DreamBooth dataset reads the captions with use_captions)."""
@@ -109,7 +110,7 @@ def captioned_class_images(folder, backgrounds, n: int, *, base=BASE_DIR, seed: 
 
     prompts = [f"{world.SUBJECT.class_prompt} on a {bg} background" for bg in backgrounds]
     generate_class_images(load_base(base), folder, prompts, n, sample_batch_size=32, seed=seed,
-                          num_inference_steps=quality.EVAL_STEPS, progress=False)
+                          num_inference_steps=quality.EVAL_STEPS, guidance_scale=guidance_scale, progress=False)
     return Path(folder)
 
 
@@ -119,7 +120,8 @@ def _dreambooth(method, config_cls, defaults: dict, output_dir, *, base, instanc
     cfg = _subject_config(config_cls, output_dir, base=base, with_prior=with_prior, num_class_images=num_class_images,
                           instance_dir=instance_dir, seed=seed, progress=progress, **{**defaults, **overrides})
     if with_prior and class_backgrounds:
-        captioned_class_images(cfg.class_data_dir, class_backgrounds, num_class_images, base=base, seed=seed)
+        captioned_class_images(cfg.class_data_dir, class_backgrounds, num_class_images, base=base, seed=seed,
+                               guidance_scale=cfg.class_guidance_scale)
     return _run(method, cfg, base, **run_options)
 
 
