@@ -169,3 +169,16 @@ def test_position_grounding_option_marks_the_position_captions_and_words(tmp_pat
     assert batch["names_position"].tolist() == names
     extra = (batch["token_regions"] != plain["token_regions"]).any(-1).tolist()
     assert extra == names  # only captions naming a position gain grounded words
+
+
+def test_grounding_weights_by_timestep_and_caption(tmp_path):
+    from customize.toy import base as toy_base
+
+    alpha_bar = torch.tensor([0.0, 0.25, 1.0])
+    names = torch.tensor([True, False, False])
+    cfg = lambda **kw: toy_base.ToyBaseConfig(output_dir=str(tmp_path), pipeline_dir=str(tmp_path / "p"), **kw)  # noqa: E731
+    plain = toy_base.grounding_weights(cfg(ground_position=False), alpha_bar, None)
+    assert plain.tolist() == [0.0, 0.5, 1.0]  # sqrt(alpha_bar_t): nothing asked at t = T
+    assert toy_base.grounding_weights(cfg(ground_position=True), alpha_bar, names).tolist() == [1.0, 0.5, 1.0]
+    every = toy_base.grounding_weights(cfg(ground_position=True, ground_every_timestep=True), alpha_bar, names)
+    assert every.tolist() == [1.0, 1.0, 1.0]

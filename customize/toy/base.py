@@ -301,6 +301,19 @@ class VAEStage:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def grounding_weights(cfg: ToyBaseConfig, alpha_bar: torch.Tensor, names_position: torch.Tensor | None) -> torch.Tensor:
+    """Per example, the weight of the token-grounding loss at its timestep: sqrt(alpha_bar_t), the share of the
+    image left in x_t (0 at t = T, where no layout is visible); 1 for captions naming a position under
+    `ground_position` (a named position is asked for at every t: it is what fixes the layout at t = T); 1 for
+    every caption under `ground_every_timestep`."""
+    if cfg.ground_every_timestep:
+        return torch.ones_like(alpha_bar)
+    weights = alpha_bar.sqrt()
+    if cfg.ground_position:
+        weights = torch.where(names_position.to(weights.device), torch.ones_like(weights), weights)
+    return weights
+
+
 class TextUNetStage:
     """Engine method for the text encoder and UNet of a pipeline whose VAE is trained and frozen."""
 
@@ -367,9 +380,7 @@ class TextUNetStage:
         scheduler = sd.training_scheduler(pipe)
         alpha_bar = scheduler.alphas_cumprod.to(self.timesteps.device)[self.timesteps]  # (B,)
         probs = [maps[-1] for maps in self.attention.values()]  # (B, N, L) per cross-attention layer
-        weights = torch.ones_like(alpha_bar) if cfg.ground_every_timestep else alpha_bar.sqrt()
-        if cfg.ground_position and not cfg.ground_every_timestep:  # a named position is asked for at every t: it is what fixes the layout at t = T
-            weights = torch.where(batch["names_position"].to(weights.device), torch.ones_like(weights), weights)
+        weights = grounding_weights(cfg, alpha_bar, batch.get("names_position"))
         ground = grounding_loss(probs, batch["shape_mask"], batch["token_regions"], weights)
         self.attention.clear()
         return {**out, "loss": out["loss"] + cfg.grounding_loss_weight * ground, "grounding": ground.detach()}
