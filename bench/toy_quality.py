@@ -17,8 +17,8 @@ dreambooth-lora and style-lora rows train them) and ask "a sks shape in zwx styl
 background": their own table has subject, style (stripes), bg, both (subject and stripes in one image) and the
 merge's seconds (ZipLoRA: its training, data included).
 The p2p rows (p2p-shape, p2p-colour, p2p-background) edit generated images by a word swap in "a <colour> <shape>
-on a <bg> background" (Prompt-to-Prompt: Replace, the background swap with an inverted LocalBlend on the shape
-word) and compare with regenerating the target prompt from the same seed; their own table has the edit's success
+on a <bg> background" (Prompt-to-Prompt: Replace, at cross-attention fraction 0.6 for the shape swap and 0.8
+for the others) and compare with regenerating the target prompt from the same seed; their own table has the edit's success
 and what it kept (customize.toy.quality.p2p_edit_scores). The p2p-real rows (p2p-real-shape, p2p-real-colour,
 p2p-real-background) make the same edits on real images: held-out scenes rendered by the world, inverted with each
 of ddim, null-text, negative-prompt and direct inversion, then edited, against regenerating the target prompt
@@ -237,25 +237,24 @@ P2P_COLUMNS = (
     ("regen_preserved", "regen kept"), ("p2p_position", "pos"), ("regen_position", "regen pos"),
     ("p2p_size", "size"), ("regen_size", "regen size"), ("p2p_iou", "IoU"), ("regen_iou", "regen IoU"),
 )
-P2P_CROSS, P2P_SELF = 0.8, 0.4  # Replace's schedules (the paper's defaults)
-# The background swap's inverted LocalBlend runs at its defaults for a kept region (customize.attention
-# KEEP_THRESHOLD 0.4, KEEP_DILATION 0). At the edit region's 0.3 (the paper's) the kept mask overhangs the shape by
-# a latent pixel in a quarter of the real-image cases, a speck of the old background stays fused to the shape and
-# the probe reads another shape (11 of its 12 misses on 24 scenes x 4 inversions; docs/benchmarks.md); dilation 1
-# keeps a ring of it (generated row: kept 69% vs 94% at 0.3 without).
+# Replace's schedules: the fraction of steps whose cross-attention maps are the source's, per edit kind, and of
+# self-attention. The paper's 0.8 keeps the shape swap from happening on the position-grounded toy base (its maps
+# outline the source's shape: 56% of swaps at 0.8, 69% at 0.7, 81% at 0.6 on 16 generated cases), so the shape
+# swap frees the last 40% of the steps.
+P2P_CROSS = {"shape": 0.6, "colour": 0.8, "background": 0.8}
+P2P_SELF = 0.4
+# The background swap is Replace alone: on the position-grounded base the shape's own maps keep it, and an
+# inverted LocalBlend on the shape word (which the base before position grounding needed: kept 94-100% with it)
+# now costs it (kept 69% of 16 generated and 2 of 6 real scenes at its kept-region defaults 0.4 / 0, 38-81% and
+# 0-2 of 6 at thresholds 0.1-0.6 and dilation 0-1, against 100% and 6 of 6 without).
 
 
 def _p2p_controller(kind: str):
-    """Replace for the shape and colour swaps; the background swap adds LocalBlend on the shape word, inverted
-    (the shape's pixels keep the source latent, the rest may change)."""
-    from customize.attention import LocalBlend, Replace
+    """Replace, at the kind's cross-attention schedule."""
+    from customize.attention import Replace
 
     def make(source: str, target: str):
-        replace = Replace(P2P_CROSS, P2P_SELF)
-        if kind != "background":
-            return replace
-        shape = next(w for w in source.split() if w in world.BASE_SHAPES)  # the shape word, wherever it stands
-        return LocalBlend([shape], base=replace, invert=True)
+        return Replace(P2P_CROSS[kind], P2P_SELF)
 
     return make
 

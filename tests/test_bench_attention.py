@@ -38,7 +38,9 @@ def test_committed_base_localises_words_in_every_cross_attention_layer_and_proce
     bench = _bench()
     pipe = experiments.load_base()
     before = {name: type(p) for name, p in pipe.unet.attn_processors.items()}
-    rows = bench.locality(pipe, n=4)
+    # 16 captions: the 4x4 layers score a caption only where its shape covers a whole 8x8-pixel cell, and a base
+    # that follows position and size words draws many small shapes in corners
+    rows = bench.locality(pipe, n=16)
     layers = sorted(n.removesuffix(".processor") for n in before if ".attn2." in n)
     assert sorted(rows) == layers  # one row per cross-attention layer, no self-attention
     assert all(math.isfinite(a) and math.isfinite(b) and b >= 0 for a, b in rows.values())
@@ -69,17 +71,3 @@ def test_position_bench_measures_sensitivity_against_a_colour_swap(one_thread, c
     assert "position" in out and "| 999 |" in out
     assert torch.is_grad_enabled()
 
-
-CANDIDATE = Path(__file__).resolve().parents[1] / "data" / "toy" / "base-candidate"
-
-
-@pytest.mark.skipif(not experiments.base_available(CANDIDATE), reason="no candidate base in data/toy/base-candidate")
-def test_candidate_base_loads_in_diffusers_and_follows_position_words(one_thread):
-    from diffusers import StableDiffusionPipeline
-
-    from customize.toy import quality
-
-    assert sum(p.stat().st_size for p in CANDIDATE.rglob("*") if p.is_file()) < 20 * 2**20
-    pipe = StableDiffusionPipeline.from_pretrained(CANDIDATE)
-    scores = quality.base_accuracy(pipe, n=40).scores  # the committed base: position 25% on 200 (chance 20%)
-    assert scores["position"] >= 0.8 and scores["colour"] >= 0.9 and scores["background"] >= 0.9, scores

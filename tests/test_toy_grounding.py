@@ -182,3 +182,16 @@ def test_grounding_weights_by_timestep_and_caption(tmp_path):
     assert toy_base.grounding_weights(cfg(ground_position=True), alpha_bar, names).tolist() == [1.0, 0.5, 1.0]
     every = toy_base.grounding_weights(cfg(ground_position=True, ground_every_timestep=True), alpha_bar, names)
     assert every.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_stage_takes_ground_position_from_the_config_and_refuses_a_mismatch(tmp_path):
+    from customize.toy import base as toy_base
+
+    cfg = toy_base.ToyBaseConfig(output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="ground_position"):
+        toy_base.TextUNetStage(None, tmp_path / "p", ground_position=not cfg.ground_position).prepare(None, None, cfg, None)
+    stage = toy_base.TextUNetStage(None, tmp_path / "p")
+    assert stage.ground_position is None
+    with pytest.raises(Exception):  # nothing to prepare; the flag is taken first
+        stage.prepare(None, None, cfg, None)
+    assert stage.ground_position == cfg.ground_position

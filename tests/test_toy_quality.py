@@ -54,12 +54,13 @@ def test_committed_model_is_small_and_loads_offline_in_plain_diffusers():
 
 
 def test_base_model_draws_held_out_captions(base_pipe):
-    """Acceptance 1: colour, shape and background each >= 80% on 200 combinations never trained on; the size
-    word is followed too (96% measured). The position phrase is not yet (25% measured, chance 20%:
-    bench/toy_position.py), so it is reported by the bench's base row, not asserted."""
+    """On 200 combinations never trained on: colour, shape, background and the size word each >= 95%, the
+    position phrase >= 80% (measured: 100 / 97 / 100 / 100 / 100% at the scoring guidance 3; the base before
+    position grounding drew the asked position in 25%, chance 20%: bench/toy_position.py)."""
     scores = quality.base_accuracy(base_pipe, n=200).scores
     for attr in quality.BASE_ATTRIBUTES + ("size",):
-        assert scores[attr] >= 0.8, scores
+        assert scores[attr] >= 0.95, scores
+    assert scores["position"] >= 0.8, scores
     # and the base has never seen the subject: nothing subject-like comes out of the identifier or class word
     assert quality.subject_scores(base_pipe, seeds_per_prompt=2).scores["subject_fidelity"] <= 0.1
     assert quality.class_drift(base_pipe, n=24).scores["class_drift"] <= 0.1
@@ -87,8 +88,9 @@ def lora_runs(tmp_path_factory):
 def test_dreambooth_lora_learns_the_subject_on_unseen_backgrounds(lora_runs, base_pipe):
     """Acceptance 2: the LoRA draws the subject (its shape AND colour, never seen by the base) on the backgrounds
     the 5 images never showed, and draws the background asked for (12 images here; the bench measures 48 per
-    training seed). The 0.7 bars hold for TRAIN_SEED 0 (85% subject fidelity in the bench), not for every seed:
-    seeds 6 and 7 give 71% and 67%. How long training takes is measured by bench/toy_quality.py, not tested."""
+    training seed). The 0.7 bars hold for TRAIN_SEED 0 (98% subject fidelity in the bench), not for every seed:
+    seeds 2-7 give 67-71% (the subject on red is lost; docs/findings.md, 'The subject without a layout
+    phrase'). How long training takes is measured by bench/toy_quality.py, not tested."""
     run = lora_runs[False]
     assert quality.subject_scores(base_pipe, seeds_per_prompt=4).scores["subject_fidelity"] == 0.0
     scores = quality.subject_scores(run.pipe, seeds_per_prompt=4).scores
@@ -97,10 +99,10 @@ def test_dreambooth_lora_learns_the_subject_on_unseen_backgrounds(lora_runs, bas
 
 def test_prior_preservation_reduces_class_drift(lora_runs, tmp_path):
     """Acceptance 3: without prior preservation the class prompt drifts to the subject; with it, the drift is at
-    least halved. With the untrained "sks" the prior also keeps the subject out; with the identifier as a trained
-    word (pivotal tuning) the prior keeps the class and the subject is learned. (bench/toy_quality.py measures
-    every method on more images; over training seeds 0-7 pivotal + prior gave subject fidelity 65-100%, LoRA +
-    prior 0%, so the test asks for the difference, not for a level one seed may miss.)"""
+    least halved. With the untrained "sks" the prior also takes part of the subject away; with the identifier as a
+    trained word (pivotal tuning) the prior keeps the class and the subject is learned. (bench/toy_quality.py
+    measures every method on more images: at training seeds 0-4 pivotal + prior gave subject fidelity 98, 98,
+    94, 88, 69%, drift 0-2%; LoRA + prior at seed 0 50%, drift 2%.)"""
     without = quality.class_drift(lora_runs[False].pipe, n=24).scores["class_drift"]
     with_prior = quality.class_drift(lora_runs[True].pipe, n=24).scores["class_drift"]
     assert without >= 0.5, without  # the drift is real
@@ -109,7 +111,8 @@ def test_prior_preservation_reduces_class_drift(lora_runs, tmp_path):
     run = experiments.pivotal(tmp_path / "pivotal-prior", seed=TRAIN_SEED, **PRIOR)
     assert quality.class_drift(run.pipe, n=24).scores["class_drift"] <= 0.5 * without
     scores = quality.subject_scores(run.pipe, seeds_per_prompt=4, prompt_for=run.prompt_for).scores
-    assert scores["subject_fidelity"] >= sks_prior + 0.3 and scores["prompt_fidelity"] >= 0.7, (sks_prior, scores)
+    assert scores["subject_fidelity"] >= 0.7 and scores["prompt_fidelity"] >= 0.7, scores
+    assert scores["subject_fidelity"] > sks_prior, (sks_prior, scores)
 
 
 def test_textual_inversion_cannot_draw_what_the_base_cannot(tmp_path, lora_runs):

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from customize.toy import world
 
@@ -84,6 +85,28 @@ def test_subject_and_style_sets_hold_out_what_they_promise():
     for s in world.style_scenes(20) + world.style_eval_scenes(20):
         assert world.STYLE.stripe_colour not in (s.colour, s.background)
         assert world.STYLE.identifier in world.STYLE.prompt(s)
+
+
+def test_subject_folder_lists_each_image_with_and_without_its_layout(tmp_path):
+    """Each instance image twice: its full caption, and the subject prompt alone (no size, no position); the
+    committed data/toy/subject is exactly that export."""
+    from customize.toy import experiments
+
+    folder = world.export("subject", tmp_path / "subject", n=5)
+    lines = [json.loads(x) for x in (folder / "metadata.jsonl").read_text().splitlines()]
+    scenes = world.subject_scenes(5)
+    assert len(lines) == 10 and len({r["file_name"] for r in lines}) == 10
+    for k, scene in enumerate(scenes):
+        full, short = lines[2 * k], lines[2 * k + 1]
+        assert full["text"] == world.caption(scene) and short["text"] == world.SUBJECT.prompt(scene.background)
+        parsed = world.parse_caption(short["text"])
+        assert parsed["subject"] and parsed["size"] is None and parsed["position"] is None
+        a, b = (np.asarray(Image.open(folder / r["file_name"]).convert("RGB")) for r in (full, short))
+        assert np.array_equal(a, b) and np.array_equal(a, np.asarray(world.render(scene)))
+    committed = experiments.SUBJECT_DIR
+    assert (committed / "metadata.jsonl").read_text() == (folder / "metadata.jsonl").read_text()
+    for r in lines:
+        assert (committed / r["file_name"]).read_bytes() == (folder / r["file_name"]).read_bytes()
 
 
 def test_edit_pairs_change_exactly_what_the_instruction_says():

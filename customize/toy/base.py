@@ -11,8 +11,10 @@ Two methods for the shared engine (`customize.training.train`), run one after th
    shared denoising loss (`customize.training.sd.batch_loss`: Ho et al.'s L_simple, optional min-SNR weighting),
    dropping captions at `caption_dropout` so classifier-free guidance works, and saves the whole pipeline with
    the shared pipeline writer (`customize.utils.atomic_pipeline_dir`). A token-grounding loss on the cross-attention
-   maps (`customize.toy.grounding`, `grounding_loss_weight` 0.1) teaches it to look for each word where it is
+   maps (`customize.toy.grounding`, `grounding_loss_weight` 0.5) teaches it to look for each word where it is
    drawn, as Stable Diffusion's own maps do; without it a DreamBooth subject cannot be moved to new backgrounds.
+   The position words ("top", "left", "center", ...) are grounded to the shape too, at every noise level
+   (`ground_position`): the layout is chosen at t = T, and without it the base ignores them.
 
 The models are small on purpose (about 5 MB of fp32 weights in all): 32x32 images, a 2x VAE (16x16x4 latents),
 a 64-wide 3-layer text encoder, a (16, 32, 64) UNet with cross-attention at 8x8 and 4x4. The scheduler is SD's
@@ -93,24 +95,26 @@ class ToyBaseConfig(TrainConfig):
     text_encoder_learning_rate: float | None = field(
         default=None, metadata={"help": "Learning rate (> 0) of the text encoder; unset: unet_learning_rate."})
     caption_dropout: float = field(default=0.1, metadata={"help": "Share of empty captions (for classifier-free guidance)."})
-    grounding_loss_weight: float = field(default=0.1, metadata={
+    grounding_loss_weight: float = field(default=0.5, metadata={
         "help": "Weight of the token-grounding loss (customize.toy.grounding): each caption word's cross-attention "
                 "is pulled into the region it names (the shape's words onto the shape's mask, the background's "
                 "onto the rest), so the base localises words as Stable Diffusion does. Without it (0) the base reads "
                 "its prompt as one pooled vector and a DreamBooth-LoRA binds the subject to its backgrounds."})
-    ground_position: bool = field(default=False, metadata={
+    ground_position: bool = field(default=True, metadata={
         "help": "Also ground the position words (\"top\", \"left\", \"center\", ...) to the shape's mask, and ask "
                 "for it at every noise level in captions that name a position (the layout is chosen from them at "
                 "t = T, where the other words' grounding is weighted 0)."})
     ground_every_timestep: bool = field(default=False, metadata={
         "help": "Weight every caption's grounding loss by 1 at every noise level (default: sqrt(alpha_bar_t), 0 at "
                 "t = T, except captions naming a position under ground_position)."})
-    snr_gamma: float | None = field(default=5.0, metadata={"help": "min-SNR-gamma weighting of the denoising loss."})
+    snr_gamma: float | None = field(default=None, metadata={
+        "help": "min-SNR-gamma weighting of the denoising loss (unset: none; with it the t = T steps, where the "
+                "layout is chosen, weigh almost nothing)."})
     noise_offset: float = field(default=0.0, metadata={"help": "Noise offset scale (helps flat, saturated colours)."})
     zero_terminal_snr: bool = field(default=True, metadata={
         "help": "SD's betas rescaled to zero terminal SNR, v-prediction, trailing timesteps (Lin et al. 2024); "
                 "false: SD 1.x's epsilon schedule as is (the background colour then follows the noise, not the prompt)."})
-    validation_guidance: float = field(default=4.0, metadata={"help": "Classifier-free guidance of the validation images."})
+    validation_guidance: float = field(default=3.0, metadata={"help": "Classifier-free guidance of the validation images."})
     validation_inference_steps: int = field(default=25, metadata={"help": "DDIM steps of each validation image."})
     train_batch_size: int = 64
     lr_scheduler: str = "cosine"
@@ -317,7 +321,9 @@ def grounding_weights(cfg: ToyBaseConfig, alpha_bar: torch.Tensor, names_positio
 class TextUNetStage:
     """Engine method for the text encoder and UNet of a pipeline whose VAE is trained and frozen."""
 
-    def __init__(self, tokenizer, pipeline_dir: str | Path, ground_position: bool = False):
+    def __init__(self, tokenizer, pipeline_dir: str | Path, ground_position: bool | None = None):
+        # ground_position: whether collate marks the position words and the captions naming one; unset, the
+        # config's (taken in prepare; collate before that marks none)
         self.tokenizer, self.pipeline_dir, self.ground_position = tokenizer, Path(pipeline_dir), ground_position
         self.attention: dict[str, list[torch.Tensor]] = {}  # cross-attention maps of the current step (grounding)
         self.timesteps: torch.Tensor | None = None
@@ -336,6 +342,11 @@ class TextUNetStage:
     def prepare(self, pipe, dataset, cfg: ToyBaseConfig, accelerator):
         """Encode every image once with the frozen VAE (its posterior moments, so each step still samples z),
         then drop captions per access."""
+        if self.ground_position is None:
+            self.ground_position = cfg.ground_position
+        elif self.ground_position != cfg.ground_position:
+            raise ValueError(f"TextUNetStage(ground_position={self.ground_position}) trains a config with "
+                             f"ground_position={cfg.ground_position}: the batches and the loss would disagree")
         if cfg.cache_latents:
             from customize.data.cache import cache_features
 
@@ -410,6 +421,7 @@ class TextUNetStage:
                 n=cfg.num_train_images, held=len(world.HELD_OUT_COMBOS), subject=world.SUBJECT, style=world.STYLE,
                 dropout=round(100 * cfg.caption_dropout),
                 grounding=(f", token-grounding loss on the cross-attention maps at weight {cfg.grounding_loss_weight:g}"
+                           + (" (position words included, at every noise level)" if cfg.ground_position else "")
                            if cfg.grounding_loss_weight else ""),
             ), tmp)
 
@@ -431,7 +443,7 @@ flat shape (circle, square, triangle; six colours; two sizes; five positions) on
 ```python
 from diffusers import StableDiffusionPipeline
 pipe = StableDiffusionPipeline.from_pretrained("data/toy/base")
-image = pipe("a large red circle on a blue background", guidance_scale=4.0, num_inference_steps=25).images[0]
+image = pipe("a large red circle on a blue background", guidance_scale=3.0, num_inference_steps=25).images[0]
 ```
 """
 

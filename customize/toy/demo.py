@@ -1,7 +1,8 @@
 """`customize demo toy`: DreamBooth-LoRA teaches the tiny toy model a subject it has never seen, on a CPU in
 a few minutes, and the world's probes score the result.
 
-1. The 5 subject images in data/toy/subject: a magenta plus-shaped cross ("sks shape") on white, black and yellow.
+1. The 5 subject images in data/toy/subject: a magenta plus-shaped cross ("sks shape") on white, black and yellow,
+   each listed twice (with its full caption and with only "a sks shape on a <bg> background").
 2. A LoRA (rank 16 on the UNet's attention projections and convolutions) trains on them through the shared engine.
 3. "a sks shape on a <colour> background" is drawn for three backgrounds the subject images never showed,
    by the base model and by the base model + LoRA, from the same seeds.

@@ -4,7 +4,8 @@ demo and the tests train exactly what a user's `recipes/train_dreambooth_lora.py
 
 Data in the checkout (written by `export_data`):
     data/toy/base      the toy base model (recipes/train_toy_base.py)
-    data/toy/subject   5 images of the held-out subject (captions in metadata.jsonl)
+    data/toy/subject   5 images of the held-out subject, each twice: with its full caption and with the subject
+                       prompt alone (10 files; captions in metadata.jsonl; world._subject_rows says why)
     data/toy/style     8 images in the held-out style, all of `world.STYLE.shapes` (captions in metadata.jsonl)
 """
 

@@ -26,7 +26,7 @@ from PIL import Image
 from customize.inference import generate
 from customize.toy import probes, world
 
-EVAL_GUIDANCE = 4.0  # classifier-free guidance scale used for every score
+EVAL_GUIDANCE = 3.0  # classifier-free guidance scale used for every score (held-out shape accuracy of the base: 97% at 3, 94.5% at 4)
 EVAL_STEPS = 20  # DDIM steps
 BASE_ATTRIBUTES = ("colour", "shape", "background")
 

@@ -598,7 +598,17 @@ def _attrs(scene: Scene) -> dict:
 
 
 def _subject_rows(n: int, seed: int, split: str = "all") -> list[dict]:
-    return [{"image": render(s), "text": caption(s), **_attrs(s)} for s in subject_scenes(n, seed)]
+    """The n instance images, each twice: captioned with its full caption ("a small sks shape at the top left on
+    a white background") and with the subject prompt alone ("a sks shape on a white background"). The layout-free
+    copy teaches the identifier to draw the whole subject when a prompt names no layout: on a base that follows
+    position words, a LoRA trained on full captions alone leaves the layout to them and draws nothing for "a sks
+    shape on a red background" (docs/findings.md, 'The subject without a layout phrase')."""
+    rows = []
+    for s in subject_scenes(n, seed):
+        image, attrs = render(s), _attrs(s)
+        rows.append({"image": image, "text": caption(s), **attrs})
+        rows.append({"image": image, "text": SUBJECT.prompt(s.background), **attrs})
+    return rows
 
 
 def _class_rows(n: int, seed: int, split: str = "train") -> list[dict]:
