@@ -108,6 +108,34 @@ def test_image_latent_is_the_unscaled_mode_and_cached_loss_matches(pipes, folder
     torch.testing.assert_close(a["loss"] if isinstance(a, dict) else a, b["loss"] if isinstance(b, dict) else b)
 
 
+def test_timestep_sampling_reaches_the_loss_and_is_checked(pipes, folder, monkeypatch):
+    """--timestep_sampling cubic: the loss draws its t by the cubic rule (the toy default, IP2P_DEFAULTS); the
+    default stays uniform; an unknown rule is refused when the config is built."""
+    from customize.core import losses
+    from customize.data import ImageCaptionDataset
+
+    pipe = ip2p.build_model(tiny_pipeline("sd"))
+    ds = ImageCaptionDataset.from_hf(str(folder), RES, image_column="edited_image", caption_column="edit_prompt",
+                                     center_crop=True, paired_columns={ip2p.ORIGINAL: "input_image"})
+    batch = collate_examples([ds[i] for i in range(4)])
+    drawn = []
+    real = losses.sample_timesteps
+
+    def spy(scheduler, batch_size, device, generator=None, sampling="uniform"):
+        t = real(scheduler, batch_size, device, generator, sampling)
+        drawn.append((sampling, t))
+        return t
+
+    monkeypatch.setattr(losses, "sample_timesteps", spy)
+    with torch.no_grad():
+        for rule in ("uniform", "cubic"):
+            ip2p.instruct_loss(pipe, batch, _cfg(folder, timestep_sampling=rule), None, torch.Generator().manual_seed(0))
+    assert [r for r, _ in drawn] == ["uniform", "cubic"]
+    assert _cfg(folder).timestep_sampling == "uniform"
+    with pytest.raises(ValueError, match="timestep_sampling"):
+        _cfg(folder, timestep_sampling="logit-normal")
+
+
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
 def test_null_conditions_match_inference_and_drop_together(pipes, kind):
     pipe = ip2p.instruct_pipeline(pipes[kind])

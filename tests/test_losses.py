@@ -74,6 +74,35 @@ def test_timesteps_cover_the_training_range():
     assert t.dtype == torch.long and t.min() >= 0 and t.max() <= 999 and t.unique().numel() > 900
 
 
+def test_cubic_timesteps_favour_the_noisy_end_with_the_stated_density():
+    """t = floor((1 - u^3) T): P(t >= T/2) = 0.5^(1/3) ~ 0.794 (uniform: 0.5), P(t < T/10) = 1 - 0.9^(1/3)
+    ~ 0.0345, every t in range; uniform sampling is the plain randint (unchanged draws)."""
+    sched = _scheduler()
+    t = sample_timesteps(sched, 20000, "cpu", torch.Generator().manual_seed(0), sampling="cubic")
+    assert t.dtype == torch.long and t.min() >= 0 and t.max() <= 999
+    assert abs((t >= 500).float().mean().item() - 0.5 ** (1 / 3)) < 0.015
+    assert abs((t < 100).float().mean().item() - (1 - 0.9 ** (1 / 3))) < 0.006
+    torch.testing.assert_close(sample_timesteps(sched, 64, "cpu", torch.Generator().manual_seed(1)),
+                               torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(1)))
+    with pytest.raises(ValueError, match="cubic"):
+        sample_timesteps(sched, 4, "cpu", sampling="logit")
+
+
+def test_diffusion_loss_draws_its_timesteps_by_the_sampling_asked():
+    sched = _scheduler("v_prediction")
+    latents = torch.randn(8, 4, 4, 4)
+    seen = []
+
+    def predict(x_t, t):
+        seen.append(t)
+        return torch.zeros_like(x_t)
+
+    diffusion_loss(sched, latents, predict, generator=torch.Generator().manual_seed(5), timestep_sampling="cubic")
+    g = torch.Generator().manual_seed(5)
+    sample_noise(latents, 0.0, g)  # the loss draws the noise first, then t
+    torch.testing.assert_close(seen[0], sample_timesteps(sched, 8, "cpu", g, sampling="cubic"))
+
+
 def test_prior_weight_zero_equals_the_no_prior_loss():
     pred, target = torch.randn(2, 6, 4, 8, 8).unbind(0)
     s = torch.rand(6) * 10

@@ -193,11 +193,20 @@ class PairedDataConfig(SDTrainConfig):
     random_flip: bool = field(default=False, metadata={"help": "Flip the images of a pair together at random."})
     snr_gamma: float | None = field(default=None, metadata={"help": "min-SNR-gamma loss weighting; 5.0 is recommended."})
     noise_offset: float = field(default=0.0, metadata={"help": "Noise offset scale (e.g. 0.05)."})
+    timestep_sampling: str = field(
+        default="uniform", metadata={"help": "How training draws t: uniform, or cubic (t = (1 - u^3) T, mostly "
+                                             "noisy steps, where a new spatial input must first be learned; "
+                                             "T2I-Adapter)."})
 
     def __post_init__(self):
         super().__post_init__()
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ValueError(f"snr_gamma must be > 0 (or unset), got {self.snr_gamma}")
+        from customize.core.losses import TIMESTEP_SAMPLINGS
+
+        if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(f"timestep_sampling must be one of {', '.join(TIMESTEP_SAMPLINGS)}, got "
+                             f"{self.timestep_sampling!r}")
 
     def check_data_source(self, method: str) -> None:
         """Exactly one of train_data_dir / dataset_name (checked when a run starts, so `--help` needs neither)."""

@@ -236,6 +236,8 @@ def batch_loss(pipe, batch: dict, cfg, generator: torch.Generator | None = None,
         # only a config with class images (DreamBooth's) has the weight; it is never read without class rows
         prior_loss_weight=cfg.prior_loss_weight if num_prior else 0.0,
         generator=generator,
+        # a config without the field (DreamBooth's, LoRA's) samples t uniformly
+        timestep_sampling=getattr(cfg, "timestep_sampling", "uniform"),
     )
 
 
