@@ -35,7 +35,9 @@ def parse(argv):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="Candidate seeds per row.")
     p.add_argument("--self_replace_steps", type=float, nargs="+", default=[0.2, 0.5, 0.8],
                    help="Candidate fractions p of steps with the self-attention maps replaced.")
-    p.add_argument("--cross_replace_steps", type=float, default=0.8, help="Fraction of steps with cross-attention edited.")
+    p.add_argument("--cross_replace_steps", type=float, nargs="+", default=[0.8, 0.0],
+                   help="Candidate fractions q of steps with the cross-attention maps edited (0 lets a layout edit, "
+                        "a new position or size, move the shape: the source's word maps hold the old layout).")
     p.add_argument("--score", choices=("pixel", "probe"), default="pixel",
                    help="pixel: 1 - mean |x - x'| / 255 (any model); probe: the toy world's probes (with --toy).")
     p.add_argument("--min_score", type=float, default=None, help="Keep a pair scoring at least this (pixel: 0.7, "

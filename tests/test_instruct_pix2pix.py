@@ -372,3 +372,26 @@ def test_p2p_pairs_stop_at_the_first_candidate_at_max_score(pipes):
                                      score=lambda a, b, row: 0.5, min_score=0.0, max_score=1.0,
                                      num_inference_steps=2, height=RES, width=RES)
     assert len(report) == 2  # below max_score: every candidate is drawn
+
+
+def test_p2p_pairs_draw_every_seed_self_and_cross_fraction_in_order(pipes):
+    """cross_replace_steps may list candidates (0 lets a layout edit move the shape): the candidates are the
+    product seeds x self x cross in that nesting order, and the kept record and the report name the q drawn."""
+    from customize.methods import ip2p_data
+
+    calls = []
+
+    def third_passes(a, b, row):
+        calls.append(1)
+        return 1.0 if len(calls) == 3 else 0.5
+
+    rows = [{"input": "a red circle", "edit": "make the circle blue", "output": "a blue circle"}]
+    kept, report = ip2p_data.make_pairs(pipes["sd"], rows, seeds=(0, 1), self_replace_steps=(0.2, 0.5),
+                                        cross_replace_steps=(0.8, 0.0), score=third_passes, min_score=1.0,
+                                        max_score=1.0, num_inference_steps=2, height=RES, width=RES)
+    assert [(r["seed"], r["self_replace_steps"], r["cross_replace_steps"]) for r in report] == [
+        (0, 0.2, 0.8), (0, 0.2, 0.0), (0, 0.5, 0.8)]
+    assert len(kept) == 1 and (kept[0]["seed"], kept[0]["self_replace_steps"], kept[0]["cross_replace_steps"]) == (
+        0, 0.5, 0.8)
+    with pytest.raises(ValueError, match="at least one"):
+        ip2p_data.make_pairs(pipes["sd"], rows, seeds=(0,), self_replace_steps=(0.2,), cross_replace_steps=())

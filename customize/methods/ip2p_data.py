@@ -2,17 +2,20 @@
 instruction, edited image) made by a text-to-image model from caption triples (input caption, instruction,
 edited caption), with Prompt-to-Prompt (Hertz et al. 2022) so the two images share their layout.
 
-For each row (input caption c, instruction e, edited caption c') and each candidate (seed, p):
+For each row (input caption c, instruction e, edited caption c') and each candidate (seed, p, q):
 
     [x, x'] = Prompt-to-Prompt(c -> c', seed; self-attention replaced for the first fraction p of the steps,
               cross-attention replaced (word swap: `Replace`) or aligned (added / removed words: `Refine`)
-              for cross_replace_steps)
+              for the first fraction q)
 
 x and x' start from the same latent, and x' takes x's attention maps, so it keeps x's composition and changes
 what c' says. The paper draws 100 candidates per row with p ~ U(0.1, 0.9) (how much of the layout to keep is
 edit-dependent: a colour change keeps all of it, a pose change little) and keeps the ones its CLIP filters pass
 (image-image similarity of x and x', the directional similarity of the image change to the caption change),
-at most 4 per row. Here the filter is a consistency score `score(x, x', row) -> float` and a threshold:
+at most 4 per row. The cross-attention fraction q is a candidate axis too: injected cross-attention carries the
+source's word maps, and where a word's map is the layout (a position or size phrase on a model grounded in
+them) it holds the old layout, so a layout edit needs q = 0 (on the toy base: 0 of 30 position rows pass at
+q = 0.8, 27 of 30 at q = 0 with p = 0.4). Here the filter is a consistency score `score(x, x', row) -> float` and a threshold:
 
   - `pixel_consistency` (default, any model): 1 - mean |x - x'| / 255, in [0, 1], with a band
     [min_score, max_score]: below min_score the layout was lost (the two images are unrelated), above
@@ -117,7 +120,7 @@ def make_pairs(
     *,
     seeds: Sequence[int] = (0, 1, 2, 3),
     self_replace_steps: Sequence[float] = (0.2, 0.5, 0.8),
-    cross_replace_steps: float = 0.8,
+    cross_replace_steps: float | Sequence[float] = 0.8,
     score: Callable[[Image.Image, Image.Image, dict], float] = pixel_consistency,
     min_score: float = 0.7,
     max_score: float = 0.999,
@@ -127,8 +130,8 @@ def make_pairs(
     width: int | None = None,
     progress: bool = False,
 ) -> tuple[list[dict], list[dict]]:
-    """For every row, one Prompt-to-Prompt pair per (seed, p in self_replace_steps) through
-    `customize.inference.edit`; the best-scoring candidate is kept when min_score <= score <= max_score. A
+    """For every row, one Prompt-to-Prompt pair per (seed, p in self_replace_steps, q in cross_replace_steps: a
+    number or a sequence of them) through `customize.inference.edit`, in that nesting order; the best-scoring candidate is kept when min_score <= score <= max_score. A
     candidate scoring max_score ends its row's search (none later could replace it), which with the exact probe
     filter (min_score = max_score = 1.0) draws the first passing candidate only. Returns (kept records for
     `write_pairs`, one report per candidate drawn: its seed, p and score)."""
@@ -136,25 +139,31 @@ def make_pairs(
 
     from customize.inference import edit
 
+    import itertools
+
+    crosses = [float(cross_replace_steps)] if isinstance(cross_replace_steps, (int, float)) else \
+        [float(q) for q in cross_replace_steps]
+    candidates = list(itertools.product(seeds, self_replace_steps, crosses))
+    if not candidates:
+        raise ValueError("make_pairs needs at least one seed, one self_replace_steps and one cross_replace_steps")
     kept, report = [], []
     for row in tqdm(rows, desc="P2P pairs", disable=not progress):
         best = None
-        for seed in seeds:
-            for p in self_replace_steps:
-                controller = controller_for(pipe.tokenizer, row["input"], row["output"], p, cross_replace_steps)
-                source, edited = edit(pipe, row["input"], row["output"], seed, controller,
-                                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                      height=height, width=width)
-                s = float(score(source, edited, row))
-                if min_score <= s <= max_score and (best is None or s > best["score"]):
-                    best = {"input_image": source, "edited_image": edited, "edit_prompt": row["edit"],
-                            "input_text": row["input"], "edited_text": row["output"], "score": s, "seed": seed,
-                            "self_replace_steps": p, **({"kind": row["kind"]} if "kind" in row else {})}
-                report.append({"edit": row["edit"], "seed": seed, "self_replace_steps": p, "score": s})
-                if best is not None and best["score"] >= max_score:
-                    break  # nothing can beat a candidate at max_score (ties keep the first): skip the rest
+        for seed, p, q in candidates:
+            controller = controller_for(pipe.tokenizer, row["input"], row["output"], p, q)
+            source, edited = edit(pipe, row["input"], row["output"], seed, controller,
+                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                  height=height, width=width)
+            s = float(score(source, edited, row))
+            if min_score <= s <= max_score and (best is None or s > best["score"]):
+                best = {"input_image": source, "edited_image": edited, "edit_prompt": row["edit"],
+                        "input_text": row["input"], "edited_text": row["output"], "score": s, "seed": seed,
+                        "self_replace_steps": p, "cross_replace_steps": q,
+                        **({"kind": row["kind"]} if "kind" in row else {})}
+            report.append({"edit": row["edit"], "seed": seed, "self_replace_steps": p, "cross_replace_steps": q,
+                           "score": s})
             if best is not None and best["score"] >= max_score:
-                break
+                break  # nothing can beat a candidate at max_score (ties keep the first): skip the rest
         if best is not None:
             kept.append(best)
     return kept, report

@@ -314,7 +314,8 @@ IP2P_DEFAULTS = dict(learning_rate=1e-3, lr_scheduler="cosine", max_train_steps=
 # CPU thread (up to 4 candidates, 2 images x 20 steps each), so 120 rows, of which the probe filter keeps ~60%.
 IP2P_PAIRS = {"exact": 4000, "p2p": 120}
 # P2P-made pairs: the candidates per row (seeds x self-replace fractions) and the exact probe filter
-IP2P_P2P = dict(seeds=(0, 1), self_replace_steps=(0.4, 0.8), cross_replace_steps=0.8, min_score=1.0, max_score=1.0)
+IP2P_P2P = dict(seeds=(0, 1), self_replace_steps=(0.4, 0.8), cross_replace_steps=(0.8, 0.0), min_score=1.0,
+                max_score=1.0)
 
 
 def ip2p_pairs(folder, data: str = "exact", *, base=BASE_DIR, n: int | None = None, seed: int = 0,
