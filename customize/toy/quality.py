@@ -366,20 +366,29 @@ def p2p_real_edit_scores(pipe, kind: str, controller_for, methods: Sequence[str]
 # ---------------------------------------------------------------------------------------------------------------
 
 IP2P_ATTRIBUTES = ("colour", "background", "shape", "size", "position")
-IP2P_IMAGE_GUIDANCE = 1.5  # s_I, s_T: the pipelines' and the paper's starting values
-IP2P_TEXT_GUIDANCE = 7.5
+# s_I, s_T of the toy's edits: chosen on the validation edits (`ip2p_cases(48, IP2P_VALIDATION_SEED, "train")`),
+# not on the held-out ones. The pipelines' and the paper's starting values are 1.5 / 7.5, but SD's 7.5 is its
+# text-to-image scale, and the toy base's is 3 (EVAL_GUIDANCE). Validation preservation of the bench's
+# exact-pairs model: 52% at 1.5 / 7.5, 83% at 1.5 / 3, 71% at 3 / 2, 90% at 2 / 3 and at 2 / 2 (edit success
+# 90-100%); trained twice as long (9600 steps) it reads 73, 83, 83 and 98% at 1.5 / 7.5, 1.5 / 3, 3 / 2 and 2 / 2,
+# which breaks the tie.
+IP2P_IMAGE_GUIDANCE = 2.0
+IP2P_TEXT_GUIDANCE = 2.0
+IP2P_VALIDATION_SEED = 2  # validation edits: training-split scenes of a stream no training pair is drawn from
 
 
-def ip2p_cases(n: int, seed: int = 1) -> list:
-    """n held-out edits: `world.edit_pair(seed, i, "heldout")`, scenes of the (colour, shape, background) triples
-    kept out of every training split, from a stream seed the training pairs do not use (they are drawn from
-    seed 0 on the training split), so no input image was seen in training."""
-    return [world.edit_pair(seed, i, "heldout") for i in range(n)]
+def ip2p_cases(n: int, seed: int = 1, split: str = "heldout") -> list:
+    """n edits `world.edit_pair(seed, i, split)`. The default is the held-out set: scenes of the (colour, shape,
+    background) triples kept out of every training split, from a stream seed the training pairs do not use
+    (they are drawn from seed 0 on the training split), so no input image was seen in training. Validation (for
+    choosing guidance): split="train", seed=IP2P_VALIDATION_SEED."""
+    return [world.edit_pair(seed, i, split) for i in range(n)]
 
 
 def ip2p_edit_scores(pipe, n: int = 64, seed: int = 1, image_guidance_scale: float = IP2P_IMAGE_GUIDANCE,
-                     guidance_scale: float = IP2P_TEXT_GUIDANCE, num_inference_steps: int = EVAL_STEPS) -> dict:
-    """An InstructPix2Pix pipeline on `ip2p_cases(n, seed)`: edit i = `customize.inference.instruct_edit(pipe,
+                     guidance_scale: float = IP2P_TEXT_GUIDANCE, num_inference_steps: int = EVAL_STEPS,
+                     split: str = "heldout") -> dict:
+    """An InstructPix2Pix pipeline on `ip2p_cases(n, seed, split)`: edit i = `customize.inference.instruct_edit(pipe,
     render(source), instruction, seed=i)`; the probes read the input and the edit.
 
     Returned (shares of the n cases):
@@ -390,7 +399,7 @@ def ip2p_edit_scores(pipe, n: int = 64, seed: int = 1, image_guidance_scale: flo
     plus "images": per case [input, edit, exact target] (PIL)."""
     from customize.inference import instruct_edit
 
-    cases = ip2p_cases(n, seed)
+    cases = ip2p_cases(n, seed, split)
     success = preserved = exact = 0
     per_kind = {k: [0, 0] for k in world.EDIT_KINDS}
     images = []
