@@ -15,7 +15,8 @@ edit-dependent: a colour change keeps all of it, a pose change little) and keeps
 at most 4 per row. The cross-attention fraction q is a candidate axis too: injected cross-attention carries the
 source's word maps, and where a word's map is the layout (a position or size phrase on a model grounded in
 them) it holds the old layout, so a layout edit needs q = 0 (on the toy base: 0 of 30 position rows pass at
-q = 0.8, 27 of 30 at q = 0 with p = 0.4). Here the filter is a consistency score `score(x, x', row) -> float` and a threshold:
+q = 0.8, 27 of 30 at q = 0 with p = 0.4). Here the filter is a consistency score `score(x, x', row) -> float`
+and a threshold:
 
   - `pixel_consistency` (default, any model): 1 - mean |x - x'| / 255, in [0, 1], with a band
     [min_score, max_score]: below min_score the layout was lost (the two images are unrelated), above
@@ -35,6 +36,7 @@ edit_prompt, and the captions, the score, the seed and p of each kept pair.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -131,15 +133,14 @@ def make_pairs(
     progress: bool = False,
 ) -> tuple[list[dict], list[dict]]:
     """For every row, one Prompt-to-Prompt pair per (seed, p in self_replace_steps, q in cross_replace_steps: a
-    number or a sequence of them) through `customize.inference.edit`, in that nesting order; the best-scoring candidate is kept when min_score <= score <= max_score. A
-    candidate scoring max_score ends its row's search (none later could replace it), which with the exact probe
-    filter (min_score = max_score = 1.0) draws the first passing candidate only. Returns (kept records for
-    `write_pairs`, one report per candidate drawn: its seed, p and score)."""
+    number or a sequence of them) through `customize.inference.edit`, in that nesting order; the best-scoring
+    candidate is kept when min_score <= score <= max_score. A candidate scoring max_score ends its row's search
+    (none later could replace it), which with the exact probe filter (min_score = max_score = 1.0) draws the
+    first passing candidate only. Returns (kept records for `write_pairs`, one report per candidate drawn: its
+    seed, p, q and score)."""
     from tqdm.auto import tqdm
 
     from customize.inference import edit
-
-    import itertools
 
     crosses = [float(cross_replace_steps)] if isinstance(cross_replace_steps, (int, float)) else \
         [float(q) for q in cross_replace_steps]
