@@ -96,11 +96,14 @@ def test_in_process_resume_is_bitwise_exact_and_validation_does_not_perturb(tmp_
     for a, b in zip(ref.body.parameters(), resumed.body.parameters()):
         assert torch.equal(a, b)
     assert result.losses == ref_result.losses
-    # EMA weights are what the method saved.
+    # EMA weights are what the method saved and what the model holds after training; the raw weights (the same
+    # run without EMA, which does not change the optimisation) are neither.
     ref_saved = load_file(str(tmp_path / "ref" / "toy.safetensors"))
     cut_saved = load_file(str(tmp_path / "cut" / "toy.safetensors"))
     assert all(torch.equal(ref_saved[k], cut_saved[k]) for k in ref_saved)
-    assert not torch.equal(ref_saved["0.weight"], ref.body[0].weight.detach())
+    assert all(torch.equal(ref_saved[k], v.detach()) for k, v in ref.body.state_dict().items())
+    raw, _ = run(cfg_for(tmp_path, name="raw", **{**common, "use_ema": False}))
+    assert not torch.equal(ref_saved["0.weight"], raw.body[0].weight.detach())
     # Validation: steps 6, 8 and the final step 9, as PNG grids and TensorBoard images.
     assert [c for c in method.calls if c.startswith("validate")] == ["validate:6", "validate:8", "validate:9"]
     grids = sorted(p.name for p in (tmp_path / "cut" / "validation").iterdir())

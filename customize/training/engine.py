@@ -221,7 +221,8 @@ def _reset_accelerate_state_if_needed(mixed_precision: str) -> None:
 
 
 def train(method, model, dataset, cfg: TrainConfig) -> TrainResult:
-    """Train `model` with `method` on `dataset` as configured by `cfg` (see the module docstring)."""
+    """Train `model` with `method` on `dataset` as configured by `cfg` (see the module docstring). With
+    cfg.use_ema the trained parameters end holding the EMA weights, which are also what is saved."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, send_to_device, set_seed
     from tqdm.auto import tqdm
@@ -490,10 +491,13 @@ def train(method, model, dataset, cfg: TrainConfig) -> TrainResult:
     if cfg.validation_steps and global_step % cfg.validation_steps != 0:
         validate(global_step)
     check_finite(global_step)
+    if ema is not None:
+        # The run's result is the averaged weights, in memory as in the saved files: a caller that goes on with
+        # `model` (an experiment scoring it, a pipeline built on it) uses what was published.
+        ema.copy_to()
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        with ema.swapped_in() if ema else contextlib.nullcontext():
-            hooks.save(model, cfg, str(output_dir))
+        hooks.save(model, cfg, str(output_dir))
         card = hooks.model_card(cfg) if hooks.model_card is not None else None
         if card is not None:
             write_model_card(card, output_dir)
