@@ -43,7 +43,8 @@ with s_I = s_T = 1 it is eps(I, T), the fully conditioned prediction.
 The loss is the base model's own denoising loss (`customize.training.sd.batch_loss`), the image latent added
 through its UNet-input seam (`unet_inputs` returns {"sample": cat([z_t, c_I])}); the data are the paired image
 columns of customize.data (the input image gets the edited image's crop and flip). Only the UNet trains (with
-use_ema, through the engine's EMA, which save() sees swapped in); VAE and text encoders are frozen.
+use_ema, through the engine's EMA, whose weights the UNet holds after training and save() writes); VAE and
+text encoders are frozen.
 
 Cached per example (with cache_latents, by the shared feature cache): the VAE moments of the edited image and of
 the input image (its mode is the mean half of the moments: exactly what encoding now gives) and the text states
