@@ -315,8 +315,10 @@ IP2P_DEFAULTS = dict(learning_rate=1e-3, lr_scheduler="cosine", max_train_steps=
 # CPU thread (up to 8 candidates, 2 images x 20 steps each; most rows pass at the first or second), and the
 # probe filter keeps nearly all of them (1184 of 1200 rows). More P2P pairs buy preservation up to 1200 rows:
 # held-out kept 58% from 360 rows, 70% from 1200 (~22 minutes of pairs on one thread); 2400 rows give 66%
-# (validation 73 -> 83%), so the row count stays at 1200 (docs/findings.md).
-IP2P_PAIRS = {"exact": 4000, "p2p": 1200}
+# (validation 73 -> 83%) at 4800 steps, and 81% at 9600 steps (validation 85%): the P2P row trains on 2400 rows
+# for 9600 steps (~35 minutes of pairs on one thread, ~22 of training on two).
+IP2P_PAIRS = {"exact": 4000, "p2p": 2400}
+IP2P_STEPS = {"exact": 4800, "p2p": 9600}  # max_train_steps per training set (IP2P_DEFAULTS' is the exact one)
 # P2P-made pairs: the candidates per row (seeds x self-replace x cross-replace fractions; cross 0 is what lets a
 # size or position edit pass: 0 of 30 position rows pass at cross 0.8, 27 of 30 at 0) and the exact probe filter
 IP2P_P2P = dict(seeds=(0, 1), self_replace_steps=(0.4, 0.8), cross_replace_steps=(0.8, 0.0), min_score=1.0,
@@ -374,7 +376,8 @@ def instruct_pix2pix(output_dir, *, base=BASE_DIR, data: str = "exact", n_pairs:
     cfg = ip2p.InstructPix2PixConfig(
         pretrained_model_name_or_path=str(base), train_data_dir=str(folder), resolution=world.IMAGE_SIZE,
         output_dir=str(Path(output_dir) / "model"), seed=seed, checkpointing_steps=0, report_to="none",
-        progress=progress, lr_warmup_steps=0, **{**IP2P_DEFAULTS, **overrides},
+        progress=progress, lr_warmup_steps=0,
+        **{**IP2P_DEFAULTS, "max_train_steps": IP2P_STEPS.get(data, IP2P_DEFAULTS["max_train_steps"]), **overrides},
     )
     start = time.perf_counter()
     pipe = load_base(base)
