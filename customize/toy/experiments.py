@@ -318,7 +318,7 @@ IP2P_DEFAULTS = dict(learning_rate=1e-3, lr_scheduler="cosine", max_train_steps=
 # (validation 73 -> 83%) at 4800 steps, and 81% at 9600 steps (validation 85%): the P2P row trains on 2400 rows
 # for 9600 steps (~35 minutes of pairs on one thread, ~22 of training on two).
 IP2P_PAIRS = {"exact": 4000, "p2p": 2400}
-IP2P_STEPS = {"exact": 4800, "p2p": 9600}  # max_train_steps per training set (IP2P_DEFAULTS' is the exact one)
+IP2P_STEPS = {"p2p": 9600}  # max_train_steps where a training set needs other than IP2P_DEFAULTS'
 # P2P-made pairs: the candidates per row (seeds x self-replace x cross-replace fractions; cross 0 is what lets a
 # size or position edit pass: 0 of 30 position rows pass at cross 0.8, 27 of 30 at 0) and the exact probe filter
 IP2P_P2P = dict(seeds=(0, 1), self_replace_steps=(0.4, 0.8), cross_replace_steps=(0.8, 0.0), min_score=1.0,
